@@ -1,0 +1,105 @@
+"""LightningCLI builds a DiffusionMixin model and the lightning_ldm callbacks from a YAML config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_ldm.callbacks import AlphaBlenderMonitor, GradientCheckpointing, ScheduleCallback
+from lightning_ldm.timestep_samplers import LogitNormalSampler
+from tests.lightning_helpers import TinyDataModule, TinyDenoiser
+
+CONFIG = """
+seed_everything: 123
+trainer:
+  accelerator: cpu
+  devices: 1
+  max_steps: 2
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  callbacks:
+    - class_path: lightning_ldm.callbacks.ScheduleCallback
+      init_args:
+        sampler: logit_normal
+        logit_normal_mean: 0.5
+        num_buckets: 5
+    - class_path: lightning_ldm.callbacks.GradientCheckpointing
+      init_args:
+        modules: [net.block]
+    - class_path: lightning_ldm.callbacks.AlphaBlenderMonitor
+      init_args:
+        logging_interval: epoch
+data:
+  batch_size: 4
+model:
+  timesteps: 30
+  beta_schedule: cosine
+  parameterization: v
+"""
+
+
+def _write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_cli_builds_model_and_callbacks(tmp_path: Path) -> None:
+    cli = LightningCLI(TinyDenoiser, TinyDataModule, args=["--config", _write(tmp_path, CONFIG)], run=False)
+    model = cli.model
+    assert isinstance(model, TinyDenoiser)
+    assert model.num_timesteps == 30 and model.parameterization == "v"
+    assert model.schedule_fingerprint["beta_schedule"] == "cosine"
+    callbacks = {type(cb): cb for cb in cli.trainer.callbacks}
+    schedule = callbacks[ScheduleCallback]
+    assert isinstance(schedule, ScheduleCallback)
+    assert isinstance(schedule.sampler, LogitNormalSampler) and schedule.sampler.mean == 0.5
+    assert schedule.num_buckets == 5 and schedule.seed is None
+    assert callbacks[GradientCheckpointing].modules == ("net.block",)  # type: ignore[attr-defined]
+    assert callbacks[AlphaBlenderMonitor].logging_interval == "epoch"  # type: ignore[attr-defined]
+
+
+def test_cli_fit_runs_with_the_callbacks(tmp_path: Path) -> None:
+    cli = LightningCLI(
+        TinyDenoiser,
+        TinyDataModule,
+        args=["fit", "--config", _write(tmp_path, CONFIG), "--trainer.default_root_dir", str(tmp_path)],
+        save_config_callback=None,
+    )
+    schedule = next(cb for cb in cli.trainer.callbacks if isinstance(cb, ScheduleCallback))
+    assert cli.trainer.global_step == 2 and schedule.batch_counter == 2
+    assert schedule.resolved_seed == 123  # seed_everything of the config, through PL_GLOBAL_SEED
+    assert any(name.startswith("loss_bucket/") for name in cli.trainer.callback_metrics)
+    t, _ = cli.model.recorded[0]  # type: ignore[union-attr]
+    assert len(cli.model.recorded) == 2 and t.dtype == torch.long and t.shape == (4,)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "match"),
+    [
+        ("num_buckets: 5", "num_buckets: 0", "num_buckets=0 is out of range"),
+        ("logit_normal_mean: 0.5", "logit_normal_std: -1.0", "logit_normal_std=-1 is out of range"),
+        ("modules: [net.block]", "modules: []", "modules is empty"),
+    ],
+)
+def test_cli_refuses_bad_callback_config(tmp_path: Path, old: str, new: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        LightningCLI(
+            TinyDenoiser, TinyDataModule, args=["--config", _write(tmp_path, CONFIG.replace(old, new))], run=False
+        )
+
+
+def test_cli_refuses_unknown_sampler_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        LightningCLI(
+            TinyDenoiser,
+            TinyDataModule,
+            args=["--config", _write(tmp_path, CONFIG.replace("logit_normal\n", "bogus\n"))],
+            run=False,
+        )
+    assert "sampler" in capsys.readouterr().err
