@@ -1,34 +1,98 @@
-"""lightning_ldm: the latent-diffusion utilities, exact and hardened, the PyTorch Lightning way."""
+"""lightning_ldm: the latent-diffusion utilities, exact and hardened, the PyTorch Lightning way.
+
+The functional core (schedules, DDIM, noising, embeddings, checkpointing, blending, config) imports torch, numpy and
+einops only. The Lightning layer (``DiffusionMixin`` here, the callbacks in :mod:`lightning_ldm.callbacks`) is
+imported on first use, so ``import lightning_ldm`` stays light.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from lightning_ldm.blending import AlphaBlender
 from lightning_ldm.checkpointing import CheckpointFunction, checkpoint
-from lightning_ldm.config import HybridConditioner, instantiate_from_config
-from lightning_ldm.ddim import make_ddim_sampling_parameters, make_ddim_timesteps
+from lightning_ldm.config import HybridConditioner, get_obj_from_str, instantiate_from_config
+from lightning_ldm.ddim import DDIMMethod, ddim_sample, ddim_step, make_ddim_sampling_parameters, make_ddim_timesteps
 from lightning_ldm.embedding import SinusoidalTimestepEmbedding, timestep_embedding
+from lightning_ldm.interop import from_diffusers_config, to_diffusers_config
+from lightning_ldm.metrics import TimestepBucketLoss
 from lightning_ldm.nn import avg_pool_nd, extract_into_tensor, mean_flat, noise_like, scale_module, zero_module
-from lightning_ldm.noising import q_sample
-from lightning_ldm.schedules import betas_for_alpha_bar, make_beta_schedule, rescale_zero_terminal_snr
+from lightning_ldm.noising import get_v, predict_noise_from_v, predict_start_from_noise, predict_start_from_v, q_sample
+from lightning_ldm.schedules import (
+    ScheduleName,
+    betas_for_alpha_bar,
+    log_snr,
+    make_beta_schedule,
+    rescale_zero_terminal_snr,
+    schedule_tables,
+    snr,
+)
+from lightning_ldm.timestep_samplers import LogitNormalSampler, LossAwareSampler, TimestepSampler, UniformSampler
+
+if TYPE_CHECKING:
+    from lightning_ldm.callbacks import AlphaBlenderMonitor, GradientCheckpointing, ScheduleCallback
+    from lightning_ldm.mixin import DiffusionMixin
 
 __version__ = "0.1.0.dev0"
 
+_LAZY = {
+    "DiffusionMixin": "lightning_ldm.mixin",
+    "ScheduleCallback": "lightning_ldm.callbacks",
+    "GradientCheckpointing": "lightning_ldm.callbacks",
+    "AlphaBlenderMonitor": "lightning_ldm.callbacks",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the Lightning layer on first access."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lightning_ldm' has no attribute {name!r}")
+
+
 __all__ = [
     "AlphaBlender",
+    "AlphaBlenderMonitor",
     "CheckpointFunction",
+    "DDIMMethod",
+    "DiffusionMixin",
+    "GradientCheckpointing",
     "HybridConditioner",
+    "LogitNormalSampler",
+    "LossAwareSampler",
+    "ScheduleCallback",
+    "ScheduleName",
     "SinusoidalTimestepEmbedding",
+    "TimestepBucketLoss",
+    "TimestepSampler",
+    "UniformSampler",
     "avg_pool_nd",
     "betas_for_alpha_bar",
     "checkpoint",
+    "ddim_sample",
+    "ddim_step",
     "extract_into_tensor",
+    "from_diffusers_config",
+    "get_obj_from_str",
+    "get_v",
     "instantiate_from_config",
+    "log_snr",
     "make_beta_schedule",
     "make_ddim_sampling_parameters",
     "make_ddim_timesteps",
     "mean_flat",
     "noise_like",
+    "predict_noise_from_v",
+    "predict_start_from_noise",
+    "predict_start_from_v",
     "q_sample",
     "rescale_zero_terminal_snr",
     "scale_module",
+    "schedule_tables",
+    "snr",
     "timestep_embedding",
+    "to_diffusers_config",
     "zero_module",
 ]

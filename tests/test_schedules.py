@@ -389,3 +389,13 @@ def test_rescale_zero_terminal_snr_errors():
         rescale_zero_terminal_snr(np.array([0.1, 0.2, 0.0]))
     with pytest.raises(ValueError, match=r"beta\[1\]=-0.1 lies outside"):
         rescale_zero_terminal_snr(np.array([0.1, -0.1, 0.2]))
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "squaredcos_cap_v2", "sqrt_linear", "sqrt"])
+def test_schedule_ignores_a_default_device_context(schedule):
+    # trainer.init_module() on a GPU, or meta-device init, sets a default device; the float64 numpy
+    # schedule must be computed on the CPU regardless.
+    expected = make_beta_schedule(schedule, 50)
+    with torch.device("meta"):
+        inside = make_beta_schedule(schedule, 50)
+    np.testing.assert_array_equal(inside, expected)
