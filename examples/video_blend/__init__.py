@@ -1,0 +1,1 @@
+"""Video-blend example: AlphaBlender-mixed spatial/temporal denoiser trained on synthetic moving shapes."""
