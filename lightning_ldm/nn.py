@@ -6,11 +6,11 @@ input instead of failing later.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-
 
 __all__ = [
     "avg_pool_nd",
@@ -36,8 +36,8 @@ def check_timestep_indices(t: Tensor, size: int, name: str = "t") -> None:
     """
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of integer timesteps, got {type(t).__name__}")
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integer timesteps (torch.long), got dtype {t.dtype}")
+    if t.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must hold integer timesteps (torch.long or torch.int32), got dtype {t.dtype}")
     if t.ndim != 1:
         raise ValueError(f"{name} must be 1-D with one timestep per sample, got shape {tuple(t.shape)}")
     if t.numel() == 0:
@@ -51,9 +51,13 @@ def check_timestep_indices(t: Tensor, size: int, name: str = "t") -> None:
 def gather_coefficients(table: Tensor, t: Tensor, ndim: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """Gather ``table[t]`` in ``dtype`` and shape it ``(B, 1, ..., 1)`` to broadcast over a sample of ``ndim`` dims.
 
-    No validation: the hot path behind :func:`extract_into_tensor` and :mod:`lightning_ldm.noising`.
+    No validation: the hot path behind :func:`extract_into_tensor` and :mod:`lightning_ldm.noising` (so it skips the
+    cast and the reshape when they would do nothing, and returns a fresh tensor, not a view, for ``ndim <= 1``).
     """
-    return table.index_select(0, t).to(dtype).view(t.shape[0], *((1,) * (ndim - 1)))
+    out = table.index_select(0, t)
+    if out.dtype != dtype:
+        out = out.to(dtype)
+    return out if ndim <= 1 else out.view(t.shape[0], *((1,) * (ndim - 1)))
 
 
 def extract_into_tensor(a: Tensor, t: Tensor, x_shape: Sequence[int]) -> Tensor:
@@ -120,9 +124,9 @@ def avg_pool_nd(dims: int, *args: object, **kwargs: object) -> nn.Module:
     Raises:
         ValueError: ``dims`` is not 1, 2 or 3.
     """
-    if isinstance(dims, bool) or dims not in _POOLS:
+    if isinstance(dims, bool) or not isinstance(dims, numbers.Integral) or int(dims) not in _POOLS:
         raise ValueError(f"unsupported dimensions: dims={dims!r}; expected 1, 2 or 3")
-    return _POOLS[dims](*args, **kwargs)
+    return _POOLS[int(dims)](*args, **kwargs)
 
 
 def noise_like(

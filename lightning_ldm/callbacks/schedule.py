@@ -39,7 +39,7 @@ from torch import Tensor
 from lightning_ldm._checks import check_choice, check_int, check_real
 from lightning_ldm.metrics import TimestepBucketLoss
 from lightning_ldm.mixin import DiffusionMixin
-from lightning_ldm.schedules import LOG_FLOOR, TABLE_NAMES
+from lightning_ldm.schedules import LOG_FLOOR
 from lightning_ldm.timestep_samplers import LogitNormalSampler, LossAwareSampler, TimestepSampler, UniformSampler
 
 __all__ = ["DEFAULT_SEED", "SAMPLERS", "SamplerName", "ScheduleCallback", "derive_seed"]
@@ -114,11 +114,8 @@ class ScheduleCallback(Callback):
     nothing. With ``sampler="loss_aware"``, the per-sample losses of all ranks are gathered (three small all-gathers
     per step) so that every rank's sampler holds the same history and draws from the same distribution.
 
-    With ``EMAWeightAveraging(use_buffers=True)``: EMA averages every buffer, the schedule tables included, and its
-    average of a constant float32 table drifts by rounding (up to ~1e-7 relative; 3e-5 absolute on an SNR of ~200);
-    it swaps those tables in for validation and copies them into the module at train end. The callback keeps a
-    copy of the exact tables from fit start and puts them back at the first batch of every validation pass and at
-    fit end. Checkpoints are not affected (the tables are not in the ``state_dict``).
+    With ``EMAWeightAveraging(use_buffers=True)``: EMA averages every buffer, the schedule tables included; the
+    mixin itself puts the exact tables back (:meth:`~lightning_ldm.mixin.DiffusionMixin.restore_schedule_tables`).
 
     Args:
         seed: Base seed (a non-negative integer) or ``None`` (see above).
@@ -188,7 +185,6 @@ class ScheduleCallback(Callback):
         self._pending_bucket_state: dict[str, Tensor] | None = None
         self._generator: torch.Generator | None = None
         self._saved_module_attrs: tuple[Any, Any] | None = None
-        self._exact_tables: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------------------------------------ checks
     @staticmethod
@@ -224,7 +220,7 @@ class ScheduleCallback(Callback):
                 f"{type(module).__name__} has no noise schedule; call self.register_schedule(...) in __init__ "
                 "(or in setup/configure_model) before fitting with ScheduleCallback"
             )
-        names = _table_names(module)
+        names = module.schedule_table_names
         bad = {
             name: buf.dtype
             for name in names
@@ -275,11 +271,6 @@ class ScheduleCallback(Callback):
         module.timestep_sampler = self.sampler
         module.diffusion_generator = self._generator
 
-        self._exact_tables = {
-            name: buf.detach().clone()
-            for name in _table_names(module)
-            if isinstance(buf := module._buffers.get(name), Tensor)
-        }
         alphas_cumprod = cast(Tensor, module._buffers["alphas_cumprod"])  # present: checked by _check_schedule
         # from the float32 SNR table (computed in float64) rather than from the float32 ā: near ā = 1 the float32
         # rounding of ā is a 6e-4 relative error in 1 − ā; log(max(snr, 1e-20)) equals schedules.log_snr there.
@@ -306,26 +297,7 @@ class ScheduleCallback(Callback):
             self.bucket_loss.loss_sum.copy_(pending["loss_sum"])
             self.bucket_loss.count.copy_(pending["count"])
 
-    def _restore_tables(self, pl_module: pl.LightningModule) -> list[str]:
-        """Copy the exact tables (snapshot at fit start) back where another callback changed them.
-
-        ``EMAWeightAveraging(use_buffers=True)`` averages every buffer, the schedule tables included: its average of a
-        constant drifts by float32 rounding (~1e-7 relative), and it copies the average into the module at train end
-        and swaps it in for validation. The tables are a function of the schedule, so they are put back.
-        """
-        restored = []
-        for name, exact in self._exact_tables.items():
-            current = pl_module._buffers.get(name)
-            if isinstance(current, Tensor) and current.shape == exact.shape and not torch.equal(current, exact):
-                current.copy_(exact.to(current.device))
-                restored.append(name)
-        if restored:
-            log.debug("ScheduleCallback restored the exact schedule tables %s", restored)
-        return restored
-
     def _restore_module(self, pl_module: pl.LightningModule) -> None:
-        self._restore_tables(pl_module)
-        self._exact_tables = {}
         if self._saved_module_attrs is not None and isinstance(pl_module, DiffusionMixin):
             pl_module.timestep_sampler, pl_module.diffusion_generator = self._saved_module_attrs
         self._saved_module_attrs = None
@@ -356,13 +328,7 @@ class ScheduleCallback(Callback):
     def on_validation_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        """Reseed the generator from ``(seed, rank, dataloader_idx, batch_idx)``: the same draws every validation.
-
-        At the first batch of a validation pass it also puts back exact schedule tables that a weight-averaging
-        callback swapped in (see :meth:`_restore_tables`).
-        """
-        if batch_idx == 0:
-            self._restore_tables(pl_module)
+        """Reseed the generator from ``(seed, rank, dataloader_idx, batch_idx)``: the same draws every validation."""
         self._reseed(trainer, _VAL_STREAM, dataloader_idx, batch_idx)
 
     # ------------------------------------------------------------------------------------- losses and logging
@@ -466,10 +432,6 @@ class ScheduleCallback(Callback):
             )
         bucket = state_dict.get("bucket_loss")
         self._pending_bucket_state = dict(bucket) if bucket is not None else None
-
-
-def _table_names(module: DiffusionMixin) -> tuple[str, ...]:
-    return tuple(getattr(module, "_schedule_buffer_names", ())) or TABLE_NAMES
 
 
 def _gather_ranked(trainer: pl.Trainer, t: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
