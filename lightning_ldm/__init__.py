@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightning_ldm.blending import AlphaBlender
 from lightning_ldm.checkpointing import CheckpointFunction, checkpoint
-from lightning_ldm.config import HybridConditioner, get_obj_from_str, instantiate_from_config
+from lightning_ldm.config import ConfigImportError, HybridConditioner, get_obj_from_str, instantiate_from_config
 from lightning_ldm.ddim import DDIMMethod, ddim_sample, ddim_step, make_ddim_sampling_parameters, make_ddim_timesteps
 from lightning_ldm.embedding import SinusoidalTimestepEmbedding, timestep_embedding
 from lightning_ldm.interop import from_diffusers_config, to_diffusers_config
@@ -56,6 +56,7 @@ __all__ = [
     "AlphaBlender",
     "AlphaBlenderMonitor",
     "CheckpointFunction",
+    "ConfigImportError",
     "DDIMMethod",
     "DiffusionMixin",
     "GradientCheckpointing",

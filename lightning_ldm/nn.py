@@ -103,7 +103,7 @@ def scale_module(module: nn.Module, scale: float) -> nn.Module:
 def mean_flat(tensor: Tensor) -> Tensor:
     """Mean over every dimension but the first: one value per sample.
 
-    A 1-D input is already one value per sample and comes back as it is (the seed returns a single scalar there).
+    A 1-D input is already one value per sample and comes back as a copy (the seed returns a single scalar there).
 
     Raises:
         ValueError: ``tensor`` is 0-d (it has no batch dimension).
@@ -111,7 +111,7 @@ def mean_flat(tensor: Tensor) -> Tensor:
     if tensor.ndim == 0:
         raise ValueError("mean_flat needs a batch dimension; got a 0-d tensor")
     if tensor.ndim == 1:
-        return tensor
+        return tensor.clone()
     return tensor.mean(dim=tuple(range(1, tensor.ndim)))
 
 
@@ -159,5 +159,3 @@ def noise_like(
         one = torch.randn((1, *shape[1:]), device=device, dtype=dtype, generator=generator)
         return one.repeat(shape[0], *((1,) * (len(shape) - 1)))
     return torch.randn(shape, device=device, dtype=dtype, generator=generator)
-
-
