@@ -53,12 +53,19 @@ __all__ = [
 ]
 
 
-def _check(t: Tensor, x: Tensor, y: Tensor, table: Tensor) -> None:
-    check_timestep_indices(t, table.shape[0])
+def _check(t: Tensor, x: Tensor, y: Tensor, coef_x: Tensor, coef_y: Tensor, names: tuple[str, str]) -> None:
+    if coef_x.ndim != 1 or coef_y.ndim != 1 or coef_x.shape != coef_y.shape:
+        raise ValueError(
+            f"the two coefficient tables must be 1-D and of one length, got shapes {tuple(coef_x.shape)} and "
+            f"{tuple(coef_y.shape)}"
+        )
+    check_timestep_indices(t, coef_x.shape[0])
     if x.ndim < 1 or x.shape[0] != t.shape[0]:
-        raise ValueError(f"t has {t.shape[0]} timesteps but the sample has batch shape {tuple(x.shape[:1])}")
+        raise ValueError(f"t has {t.shape[0]} timesteps but {names[0]} has batch shape {tuple(x.shape[:1])}")
     if x.shape != y.shape:
-        raise ValueError(f"the two tensors must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"{names[0]} and {names[1]} must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
 
 
 # Smallest sample (elements) sent to the fused kernel. Below it the kernel's fixed cost (~10 µs on CPU) outweighs the
@@ -287,7 +294,7 @@ def q_sample(
         ValueError: ``t`` is out of range or the shapes disagree.
     """
     if validate:
-        _check(t, x_start, noise, sqrt_alphas_cumprod)
+        _check(t, x_start, noise, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, ("x_start", "noise"))
     return combine(t, sqrt_alphas_cumprod, x_start, sqrt_one_minus_alphas_cumprod, noise)
 
 
@@ -302,7 +309,7 @@ def predict_start_from_noise(
 ) -> Tensor:
     """Recover ``x0 = √(1/ā_t)·x_t − √(1/ā_t − 1)·ε`` (see :func:`q_sample` for the arguments)."""
     if validate:
-        _check(t, x_t, noise, sqrt_recip_alphas_cumprod)
+        _check(t, x_t, noise, sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod, ("x_t", "noise"))
     return combine(t, sqrt_recip_alphas_cumprod, x_t, sqrt_recipm1_alphas_cumprod, noise, sign=-1.0)
 
 
@@ -317,7 +324,7 @@ def get_v(
 ) -> Tensor:
     """The v-prediction target ``v = √ā_t·ε − √(1−ā_t)·x0`` (Salimans & Ho 2022)."""
     if validate:
-        _check(t, noise, x_start, sqrt_alphas_cumprod)
+        _check(t, x_start, noise, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, ("x_start", "noise"))
     return combine(t, sqrt_alphas_cumprod, noise, sqrt_one_minus_alphas_cumprod, x_start, sign=-1.0)
 
 
@@ -332,7 +339,7 @@ def predict_start_from_v(
 ) -> Tensor:
     """Recover ``x0 = √ā_t·x_t − √(1−ā_t)·v``."""
     if validate:
-        _check(t, x_t, v, sqrt_alphas_cumprod)
+        _check(t, x_t, v, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, ("x_t", "v"))
     return combine(t, sqrt_alphas_cumprod, x_t, sqrt_one_minus_alphas_cumprod, v, sign=-1.0)
 
 
@@ -347,5 +354,5 @@ def predict_noise_from_v(
 ) -> Tensor:
     """Recover ``ε = √ā_t·v + √(1−ā_t)·x_t``."""
     if validate:
-        _check(t, x_t, v, sqrt_alphas_cumprod)
+        _check(t, x_t, v, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, ("x_t", "v"))
     return combine(t, sqrt_alphas_cumprod, v, sqrt_one_minus_alphas_cumprod, x_t)

@@ -187,17 +187,38 @@ CALLS = {
             (2, 3),
             (2, 3),
             ValueError,
-            r"t has 3 timesteps but the sample has batch shape \(2,\)",
+            r"t has 3 timesteps but (x_start|x_t) has batch shape \(2,\)",
         ),
         (
             torch.tensor([1, 0]),
             (2, 3),
             (2, 4),
             ValueError,
-            r"the two tensors must have the same shape, got \(2, [34]\) and \(2, [34]\)",
+            r"(x_start|x_t) and (noise|v) must have the same shape, got \(2, 3\) and \(2, 4\)",
         ),
     ],
 )
 def test_errors(name, t, x_shape, y_shape, error, match):
     with pytest.raises(error, match=match):
         CALLS[name](torch.zeros(x_shape), t, torch.zeros(y_shape))
+
+
+@pytest.mark.parametrize("name", list(CALLS))
+def test_tables_of_different_lengths_are_refused(name):
+    short = {k: v[:500] for k, v in TABLES.items()}
+    calls = {
+        "q_sample": lambda: q_sample(_X, _T, _Y, TABLES["sqrt_ac"], short["sqrt_1m_ac"]),
+        "predict_start_from_noise": lambda: predict_start_from_noise(
+            _X, _T, _Y, TABLES["sqrt_recip"], short["sqrt_recipm1"]
+        ),
+        "get_v": lambda: get_v(_X, _Y, _T, TABLES["sqrt_ac"], short["sqrt_1m_ac"]),
+        "predict_start_from_v": lambda: predict_start_from_v(_X, _T, _Y, TABLES["sqrt_ac"], short["sqrt_1m_ac"]),
+        "predict_noise_from_v": lambda: predict_noise_from_v(_X, _T, _Y, TABLES["sqrt_ac"], short["sqrt_1m_ac"]),
+    }
+    with pytest.raises(
+        ValueError, match=r"coefficient tables must be 1-D and of one length, got shapes \(1000,\) and \(500,\)"
+    ):
+        calls[name]()
+
+
+_X, _Y, _T = torch.zeros(2, 3), torch.ones(2, 3), torch.tensor([999, 0])
