@@ -47,7 +47,7 @@ class AlphaBlender(nn.Module):
 
     Raises:
         ValueError: Unknown ``merge_strategy``, a non-finite ``alpha``, a ``"fixed"`` ``alpha`` outside ``[0, 1]``,
-            or a ``rearrange_pattern`` without ``->``.
+            or a ``rearrange_pattern`` that is not an einops pattern over ``b t``.
         TypeError: ``alpha`` is not a real number or ``rearrange_pattern`` is not a string.
     """
 
@@ -64,10 +64,14 @@ class AlphaBlender(nn.Module):
         check_choice("merge_strategy", merge_strategy, MERGE_STRATEGIES)
         if not isinstance(rearrange_pattern, str):
             raise TypeError(f"rearrange_pattern must be a str, got {type(rearrange_pattern).__name__}")
-        if "->" not in rearrange_pattern:
+        try:  # the pattern maps the (B, T) indicator: try it on a (2, 3) one now rather than at the first forward
+            rearrange(torch.zeros(2, 3), rearrange_pattern)
+        except Exception as err:  # einops raises EinopsError (a RuntimeError) with its own wording
             raise ValueError(
-                f"rearrange_pattern={rearrange_pattern!r} is not an einops pattern; expected e.g. 'b t -> (b t) 1 1'"
-            )
+                f"rearrange_pattern={rearrange_pattern!r} is not an einops pattern over the (B, T) indicator 'b t'; "
+                f"expected e.g. 'b t -> (b t) 1 1' or 'b t -> b 1 t 1 1' ({err.__class__.__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''})"
+            ) from err
         if merge_strategy == "fixed":
             value = check_real("alpha", alpha, minimum=0.0, maximum=1.0)
         else:

@@ -247,6 +247,13 @@ class DiffusionMixin(_Base):
         if not isinstance(zero_terminal_snr, bool):
             raise TypeError(f"zero_terminal_snr must be a bool, got {zero_terminal_snr!r}")
         v_posterior = check_real("v_posterior", v_posterior, minimum=0.0, maximum=1.0)
+        if zero_terminal_snr and parameterization == "eps":
+            rank_zero_warn(
+                "register_schedule(zero_terminal_snr=True, parameterization='eps'): at the terminal step ā = 0, so an "
+                "ε-prediction carries no information about x0 there and DDIM 'trailing' sampling (which starts there) "
+                "refuses it; Lin et al. 2023 pair zero terminal SNR with parameterization='v'",
+                category=UserWarning,
+            )
 
         fingerprint: dict[str, Any] = {"version": FINGERPRINT_VERSION}
         # Host maths: shield the core's torch calls from a default-device context (Trainer.init_module on a GPU).
@@ -589,9 +596,13 @@ class DiffusionMixin(_Base):
 
         ``"min_snr"`` (Min-SNR-γ, Hang et al. 2023) depends on the parameterization; with ``s = snr(t)``:
 
-        * eps: ``min(s, γ)/s = γ/max(s, γ)`` (1 where ``s ≤ γ``, also at a zero-SNR terminal step);
-        * x0: ``min(s, γ)`` (0 at a zero-SNR terminal step);
-        * v: ``min(s, γ)/(s + 1)``.
+        * eps: ``min(s, γ)/s = γ/max(s, γ)`` (1 where ``s ≤ γ``);
+        * x0: ``min(s, γ)``;
+        * v: ``min(s, γ)/(s + 1)``;
+
+        and weight 1 where ``s = 0`` (the terminal step of a zero-terminal-SNR schedule), as diffusers' training
+        scripts do: the x0 and v formulas give 0 there, which would never train the step that zero-terminal-SNR
+        sampling starts from.
 
         ``"vlb"``: the ``lvlb_weights`` table (see :meth:`vlb_weights_formula`).
 
@@ -607,10 +618,12 @@ class DiffusionMixin(_Base):
         snr = gather_coefficients(self._table("snr_table"), t, 1)
         clipped = snr.clamp(max=gamma)
         if self.parameterization == "eps":
-            return gamma / snr.clamp(min=gamma)
-        if self.parameterization == "x0":
-            return clipped
-        return clipped / (snr + 1.0)
+            weights = gamma / snr.clamp(min=gamma)
+        elif self.parameterization == "x0":
+            weights = clipped
+        else:
+            weights = clipped / (snr + 1.0)
+        return torch.where(snr == 0, torch.ones_like(weights), weights)
 
     def diffusion_loss(
         self,
@@ -719,11 +732,11 @@ class DiffusionMixin(_Base):
         The cached :class:`~lightning_ldm.embedding.SinusoidalTimestepEmbedding` modules are kept outside the module
         tree: not in the ``state_dict``, not cast by precision flags.
         """
-        cache: dict[tuple[int, int], nn.Module] | None = self.__dict__.get("_ldm_embedders")
+        cache: dict[tuple[int, float], nn.Module] | None = self.__dict__.get("_ldm_embedders")
         if cache is None:
             cache = {}
             self.__dict__["_ldm_embedders"] = cache
-        key = (int(dim), int(max_period))
+        key = (check_int("dim", dim, minimum=1), check_real("max_period", max_period, minimum=0.0, min_inclusive=False))
         embedder = cache.get(key)
         if embedder is None:
             embedder = SinusoidalTimestepEmbedding(dim, max_period=max_period)

@@ -150,9 +150,14 @@ def noise_like(
         Noise tensor of ``shape``.
 
     Raises:
-        ValueError: ``shape`` is empty (``repeat`` needs a batch dimension).
+        ValueError: ``shape`` has a negative size, or is empty with ``repeat`` (it needs a batch dimension).
+        TypeError: ``dtype`` is not a floating dtype.
     """
     shape = tuple(int(s) for s in shape)
+    if any(s < 0 for s in shape):
+        raise ValueError(f"shape={shape} has a negative size; expected sizes >= 0")
+    if dtype is not None and not dtype.is_floating_point:
+        raise TypeError(f"dtype={dtype} is not a floating dtype; expected e.g. torch.float32 or torch.bfloat16")
     if repeat:
         if len(shape) == 0:
             raise ValueError("noise_like(repeat=True) needs a batch dimension; got shape ()")

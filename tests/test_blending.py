@@ -175,6 +175,8 @@ def test_fixed_endpoints_are_exact():
         (("0.5", "learned"), TypeError, "alpha must be a real number"),
         ((0.5, "learned", 3), TypeError, "rearrange_pattern must be a str, got int"),
         ((0.5, "learned", "b t"), ValueError, "rearrange_pattern='b t' is not an einops pattern"),
+        ((0.5, "learned", "b t -> b q"), ValueError, r"rearrange_pattern='b t -> b q' is not an einops pattern over"),
+        ((0.5, "learned", "b c h -> b c h 1"), ValueError, r"expected e.g. 'b t -> \(b t\) 1 1'"),
     ],
 )
 def test_constructor_errors(args, error, match):

@@ -533,11 +533,12 @@ def ref_weights(parameterization: str, weighting: str, ab: np.ndarray, betas: np
         return np.ones_like(ab)
     if weighting == "min_snr":
         with np.errstate(divide="ignore", invalid="ignore"):
-            return {
-                "eps": np.where(snr == 0, 1.0, np.minimum(snr, gamma) / snr),
+            weights = {
+                "eps": np.minimum(snr, gamma) / snr,
                 "x0": np.minimum(snr, gamma),
                 "v": np.minimum(snr, gamma) / (snr + 1),
             }[parameterization]
+        return np.where(snr == 0, 1.0, weights)  # the zero-SNR terminal step keeps weight 1 (diffusers' scripts)
     raise AssertionError(weighting)
 
 
@@ -588,12 +589,13 @@ def test_min_snr_weights_are_finite_and_clamp_the_right_way(parameterization: st
         np.testing.assert_allclose(W[high], gamma / snr[high], rtol=1e-5)
         assert (W[high] < 1).all() and (W[low] == 1).all() and (W <= 1).all()
     elif parameterization == "x0":
-        assert (W[high] == gamma).all() and np.allclose(W[low], snr[low], rtol=1e-6)
+        positive = low & (snr > 0)
+        assert (W[high] == gamma).all() and np.allclose(W[positive], snr[positive], rtol=1e-6)
     else:
         np.testing.assert_allclose(W[high], gamma / (snr[high] + 1), rtol=1e-5)
     if ztsnr:
         assert snr[-1] == 0.0
-        assert W[-1] == {"eps": 1.0, "x0": 0.0, "v": 0.0}[parameterization]
+        assert W[-1] == 1.0  # trained, not silently dropped: zero-terminal-SNR sampling starts there
 
 
 def test_min_snr_never_exceeds_the_unweighted_eps_loss() -> None:
@@ -1226,3 +1228,21 @@ def test_readme_usage_runs() -> None:
     trainer.fit(model, data)
     samples = model.ddim_sample(model, (4, 3, 16, 16), num_steps=25, method="trailing")
     assert samples.shape == (4, 3, 16, 16) and torch.isfinite(samples).all()  # type: ignore[union-attr]
+
+
+def test_embed_timesteps_caches_per_exact_max_period() -> None:
+    model = bare(timesteps=10)
+    t = torch.tensor([0, 3, 7])
+    first = model.embed_timesteps(t, 8, max_period=100.9)
+    second = model.embed_timesteps(t, 8, max_period=100.2)
+    assert torch.equal(first, timestep_embedding(t, 8, max_period=100.9))
+    assert torch.equal(second, timestep_embedding(t, 8, max_period=100.2))
+    with pytest.raises(ValueError, match=r"dim=0 is out of range; expected an integer >= 1"):
+        model.embed_timesteps(t, 0)
+    with pytest.raises(ValueError, match=r"max_period=-1 is out of range"):
+        model.embed_timesteps(t, 8, max_period=-1)
+
+
+def test_zero_terminal_snr_with_eps_warns_at_registration() -> None:
+    with pytest.warns(UserWarning, match=r"zero_terminal_snr=True, parameterization='eps'.*parameterization='v'"):
+        bare(timesteps=100, zero_terminal_snr=True, parameterization="eps")

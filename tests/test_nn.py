@@ -196,3 +196,10 @@ def test_noise_like_repeat_needs_batch():
     with pytest.raises(ValueError, match=r"noise_like\(repeat=True\) needs a batch dimension; got shape \(\)"):
         noise_like((), "cpu", repeat=True)
     assert noise_like((), "cpu").shape == ()
+
+
+def test_noise_like_errors():
+    with pytest.raises(TypeError, match=r"dtype=torch.int64 is not a floating dtype"):
+        noise_like((2, 3), "cpu", dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"shape=\(2, -1\) has a negative size"):
+        noise_like((2, -1), "cpu")
