@@ -2,7 +2,7 @@
 #
 # TORCH_SPEC picks the torch that set-up installs when the environment has none. The default is the
 # CPU build of 2.13.0 (the release this project is tested on); point it elsewhere for CUDA, e.g.
-#   make test TORCH_SPEC="torch==2.13.0" PIP_INDEX_URL=https://download.pytorch.org/whl/cu128
+#   make test TORCH_SPEC="torch==2.13.0" PIP_INDEX_URL=<the index of the CUDA build you want>
 # A torch that is already importable in the environment is never replaced.
 # VENV picks the virtual environment (created if missing); set VENV to an existing one to reuse it.
 
