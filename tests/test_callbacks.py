@@ -582,3 +582,23 @@ def test_gather_of_uneven_rank_losses_keeps_rank_order() -> None:
     t, losses = _gather_ranked(trainer, torch.tensor([1, 2]), torch.tensor([0.1, 0.2]))  # type: ignore[arg-type]
     assert t.tolist() == [1, 2, 7, 8, 9]
     assert losses.tolist() == pytest.approx([0.1, 0.2, 0.7, 0.8, 0.9])
+
+
+def test_snr_curve_goes_to_a_file_of_its_own_with_a_csv_logger(tmp_path) -> None:
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    logger = CSVLogger(tmp_path, name="run", version=0)
+    cb = ScheduleCallback(seed=0)
+    trainer = make_trainer(max_steps=4, logger=logger, log_every_n_steps=1, callbacks=[cb])
+    trainer.fit(TinyDenoiser(timesteps=T), make_loader())
+    with open(tmp_path / "run" / "version_0" / "log_snr.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["t"]) for r in rows] == list(range(T))
+    written = [float(r["log_snr"]) for r in rows]
+    assert cb.log_snr is not None and written == cb.log_snr.tolist()  # float64, exact round trip
+    np.testing.assert_allclose(written, _linear_log_snr(T), rtol=1e-6, atol=1e-6)
+    with open(tmp_path / "run" / "version_0" / "metrics.csv") as f:
+        header = f.readline()
+    assert "schedule/log_snr" not in header  # the training-step table holds training steps only

@@ -32,6 +32,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
@@ -107,7 +108,10 @@ class ScheduleCallback(Callback):
     to ``trainer.loggers`` at that step). Empty buckets are not logged.
 
     The log-SNR curve ``log(ā_t/(1 − ā_t))`` is written once at fit start, on global rank zero, to every logger as
-    the metric ``"schedule/log_snr"`` with ``step = t`` (``t = 0 … T − 1``); it is also kept in :attr:`log_snr`.
+    the metric ``"schedule/log_snr"`` with ``step = t`` (``t = 0 … T − 1``): TensorBoard shows it as a chart of its
+    own. A ``CSVLogger`` keeps one table for every metric, where those rows would sit among the training steps, so
+    it gets the curve as a file of its own instead, ``log_snr.csv`` (columns ``t,log_snr``) in its ``log_dir``. The
+    curve is also kept in :attr:`log_snr`.
 
     Losses: after each training batch the callback reads ``module.last_timestep_losses`` (what the last
     ``diffusion_loss`` call kept) and sets it back to ``None``, so a batch that does not call ``diffusion_loss`` adds
@@ -277,10 +281,19 @@ class ScheduleCallback(Callback):
         steps = torch.arange(num_timesteps, device=alphas_cumprod.device)
         self.log_snr = module.snr(steps).detach().to("cpu", torch.float64).clamp(min=LOG_FLOOR).log()
         if self.log_snr_curve and trainer.is_global_zero:
-            values = self.log_snr.tolist()
-            for logger in trainer.loggers:
-                for t, value in enumerate(values):
-                    logger.log_metrics({"schedule/log_snr": value}, step=t)
+            self._write_snr_curve(trainer, self.log_snr.tolist())
+
+    @staticmethod
+    def _write_snr_curve(trainer: pl.Trainer, values: list[float]) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, CSVLogger):
+                os.makedirs(logger.log_dir, exist_ok=True)
+                with open(os.path.join(logger.log_dir, "log_snr.csv"), "w") as f:
+                    f.write("t,log_snr\n")
+                    f.writelines(f"{t},{value!r}\n" for t, value in enumerate(values))
+                continue
+            for t, value in enumerate(values):
+                logger.log_metrics({"schedule/log_snr": value}, step=t)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Restore the bucket window of a resumed run (on global rank 0 only: the saved sums are rank 0's)."""
