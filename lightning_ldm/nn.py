@@ -24,6 +24,10 @@ __all__ = [
 ]
 
 
+# Up to this many CPU indices, check_timestep_indices reads them as a Python list instead of reducing them.
+_SMALL_INDEX_NUMEL = 256
+
+
 def check_timestep_indices(t: Tensor, size: int, name: str = "t") -> None:
     """Check that ``t`` is a 1-D integer tensor of valid indices into a table of ``size`` entries.
 
@@ -40,9 +44,14 @@ def check_timestep_indices(t: Tensor, size: int, name: str = "t") -> None:
         raise TypeError(f"{name} must hold integer timesteps (torch.long or torch.int32), got dtype {t.dtype}")
     if t.ndim != 1:
         raise ValueError(f"{name} must be 1-D with one timestep per sample, got shape {tuple(t.shape)}")
-    if t.numel() == 0:
+    numel = t.numel()
+    if numel == 0:
         return
-    lo, hi = (int(v) for v in torch.aminmax(t))
+    if numel <= _SMALL_INDEX_NUMEL and t.is_cpu:
+        values = t.tolist()  # a few Python ints: cheaper than a reduction and two scalar reads
+        lo, hi = min(values), max(values)
+    else:
+        lo, hi = (int(v) for v in torch.aminmax(t))
     if lo < 0 or hi >= size:
         bad = lo if lo < 0 else hi
         raise ValueError(f"{name} holds timestep {bad}, outside the valid range [0, {size - 1}] of a {size}-step table")

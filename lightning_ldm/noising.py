@@ -28,6 +28,7 @@ fails, a warning is logged once and the eager path is used from then on.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
@@ -114,30 +115,57 @@ _ARG_POSITIONS = {"x": 0, "a": 1, "y": 2, "b": 3}
 _PLACEHOLDER = re.compile(r"L\['(\w+)'\](?:\.size\(\)\[(\d+)\])?")
 
 
+_Binding = list[tuple[int, int | None]]
+# How the compiled graph's inputs map onto (x, a, y, b) when dynamo orders them as usual: B, N, x, a, y, b.
+_USUAL_BINDING: _Binding = [(0, 0), (0, 1), (0, None), (1, None), (2, None), (3, None)]
+_Direct = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
 class _FusedKernel:
     """``_axpby``/``_axmby`` compiled by inductor, one graph per dtype, called without dynamo's per-call cost.
 
     ``torch.compile`` (dynamic shapes) builds the kernel; a small backend around inductor's ``compile_fx`` keeps the
-    compiled graph and how its inputs map onto ``(x, a, y, b)`` (sizes first, then tensors). Dynamo's guards and frame
-    handling cost ~35 µs per call, more than the kernel on a 1 MiB sample; :func:`_use_fused` already guarantees what
-    those guards would check (CPU, contiguous ``(B, N)`` samples of one dtype with ``B, N >= 2``, float32 ``(B,)``
-    coefficients), so the compiled graph is called directly. Each graph is checked bitwise against the eager formula
-    on a second shape before it is trusted; one that cannot be mapped or checked is called through dynamo instead.
+    compiled graph and how its inputs map onto ``(x, a, y, b)`` (sizes first, then tensors), and, where inductor
+    exposes it, the generated module's own entry point below AOTAutograd's runtime wrappers (which have nothing to do
+    here: one inference graph, no autograd, no aliasing, a fresh output). Dynamo's guards and frame handling cost
+    ~35 µs per call and the wrappers ~5 µs, more than the kernel on a 1 MiB sample; :func:`_use_fused` already
+    guarantees what those guards would check (CPU, contiguous ``(B, N)`` samples of one dtype with ``B, N >= 2``,
+    float32 ``(B,)`` coefficients), so the compiled code is called directly. Each entry point is checked bitwise
+    against the eager formula on a second shape before it is trusted; one that cannot be mapped or checked is
+    replaced by the next outer one (inductor's module, AOTAutograd's wrapper, dynamo).
     """
 
     def __init__(self, add: bool) -> None:
         self.fn = _axpby if add else _axmby
         self.compiled = torch.compile(self.fn, backend=self._backend, dynamic=True)
-        self.direct: dict[torch.dtype, tuple[Callable[..., Any], list[tuple[int, int | None]]] | None] = {}
-        self._captured: tuple[Callable[..., Any], list[tuple[int, int | None]]] | None = None
+        # per dtype: ``(x, a, y, b) -> result`` calling the compiled code directly and the input binding it uses, or
+        # None (call through dynamo)
+        self.direct: dict[torch.dtype, tuple[_Direct, _Binding] | None] = {}
+        self._captured: tuple[Callable[..., Any], _Binding] | None = None
+        self._inner: list[Any] = []
+
+    def _inner_compile(self, *args: Any, **kwargs: Any) -> Any:
+        from torch._inductor.compile_fx import compile_fx_inner
+
+        out = compile_fx_inner(*args, **kwargs)
+        self._inner.append(out)
+        return out
 
     def _backend(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        from torch._functorch import config as functorch_config
         from torch._inductor.compile_fx import compile_fx
 
-        compiled = cast(Callable[..., Any], compile_fx(gm, example_inputs))
+        self._inner = []
+        # no AOTAutograd cache: on a hit it skips inner compilation, and with it the module entry point kept below
+        # (inductor's own FX graph cache still saves the C++ build)
+        if "inner_compile" in inspect.signature(compile_fx).parameters:
+            with functorch_config.patch(enable_autograd_cache=False):
+                compiled = cast(Callable[..., Any], compile_fx(gm, example_inputs, inner_compile=self._inner_compile))
+        else:  # an inductor without the hook: AOTAutograd's wrapper is the innermost entry point
+            compiled = cast(Callable[..., Any], compile_fx(gm, example_inputs))
         self._captured = None
         try:
-            binding: list[tuple[int, int | None]] = []
+            binding: _Binding = []
             for node in gm.graph.find_nodes(op="placeholder"):
                 source = node.meta["grapharg"].source
                 name = source.name() if callable(source.name) else source.name
@@ -151,6 +179,21 @@ class _FusedKernel:
         except Exception:  # an inductor/dynamo version that records graph inputs differently: keep dynamo's path
             self._captured = None
         return compiled
+
+    @staticmethod
+    def _caller(fn: Callable[..., Any], binding: _Binding, boxed: bool) -> _Direct:
+        """``(x, a, y, b) -> fn(inputs)[0]`` with the inputs laid out by ``binding``, as a list when ``boxed``."""
+        if binding == _USUAL_BINDING:
+            if boxed:
+                return lambda x, a, y, b: fn([x.shape[0], x.shape[1], x, a, y, b])[0]
+            return lambda x, a, y, b: fn(x.shape[0], x.shape[1], x, a, y, b)[0]
+
+        def call(x: Tensor, a: Tensor, y: Tensor, b: Tensor) -> Tensor:
+            args = (x, a, y, b)
+            inputs = [args[i] if dim is None else args[i].shape[dim] for i, dim in binding]
+            return fn(inputs)[0] if boxed else fn(*inputs)[0]
+
+        return call
 
     def _prepare(self, dtype: torch.dtype) -> None:
         """Compile for ``dtype`` on a synthetic sample (the caller's RNG untouched) and check the direct call."""
@@ -168,24 +211,35 @@ class _FusedKernel:
         with torch.no_grad():
             self.compiled(*sample(8, 1 << 16))  # realistic size hints for inductor's loop and threading choices
             captured, self._captured = self._captured, None
+            inner, self._inner = self._inner, []
             self.direct[dtype] = None
-            if captured is not None:
-                check = sample(3, 1001)
-                out = captured[0](*self._bind(captured[1], check))
-                if isinstance(out, (list, tuple)) and len(out) == 1 and torch.equal(out[0], self.fn(*check)):
-                    self.direct[dtype] = captured
-
-    @staticmethod
-    def _bind(binding: list[tuple[int, int | None]], args: tuple[Tensor, ...]) -> list[Any]:
-        return [args[i] if dim is None else args[i].shape[dim] for i, dim in binding]
+            if captured is None:
+                return
+            candidates = []
+            module_call = getattr(inner[0], "current_callable", None) if len(inner) == 1 else None
+            if callable(module_call):
+                candidates.append(self._caller(module_call, captured[1], boxed=True))
+            candidates.append(self._caller(captured[0], captured[1], boxed=False))
+            check = sample(3, 1001)
+            expected = self.fn(*check)
+            for candidate in candidates:
+                try:
+                    out = candidate(*check)
+                except Exception:  # an entry point that takes its inputs differently: try the next one
+                    continue
+                if isinstance(out, Tensor) and out.dtype == expected.dtype and torch.equal(out, expected):
+                    self.direct[dtype] = (candidate, captured[1])
+                    return
 
     def __call__(self, x: Tensor, a: Tensor, y: Tensor, b: Tensor) -> Tensor:
         """``a·x ± b·y`` for ``(B, N)`` samples ``x``, ``y`` (one dtype) and float32 ``(B,)`` coefficients."""
-        if x.dtype not in self.direct:
+        try:
+            direct = self.direct[x.dtype]
+        except KeyError:
             self._prepare(x.dtype)
-        direct = self.direct[x.dtype]
+            direct = self.direct[x.dtype]
         if direct is not None:  # no autograd here, and the graph has no autograd: grad mode does not matter
-            return direct[0](*self._bind(direct[1], (x, a, y, b)))[0]
+            return direct[0](x, a, y, b)
         # through dynamo: detached aliases, so that its guards do not depend on the caller's views; under no_grad,
         # so that one grad mode (one graph per dtype) serves every call
         with torch.no_grad():
@@ -193,17 +247,21 @@ class _FusedKernel:
 
 
 def _use_fused(x: Tensor, y: Tensor, coef_x: Tensor, coef_y: Tensor, sign: float) -> bool:
-    if not (_compile_enabled and x.is_cpu and y.is_cpu and coef_x.is_cpu and coef_y.is_cpu):
+    # cheapest tests first: this runs on every call of combine
+    if not _compile_enabled or sign not in (1.0, -1.0):
         return False
-    if x.dtype not in _FUSED_DTYPES or y.dtype != x.dtype or sign not in (1.0, -1.0):
+    dtype = x.dtype
+    if dtype not in _FUSED_DTYPES or y.dtype != dtype:
         return False
-    if x.numel() < _FUSED_MIN_NUMEL or x.shape != y.shape or x.ndim < 2:
+    shape = x.shape
+    if len(shape) < 2 or shape != y.shape:
         return False
-    if x.shape[0] < 2 or x.numel() < 2 * x.shape[0]:
+    numel = x.numel()
+    if numel < _FUSED_MIN_NUMEL or shape[0] < 2 or numel < 2 * shape[0]:
         return False  # a size-1 batch or sample: the compiled graph assumes both sizes >= 2
-    if not (x.is_contiguous() and y.is_contiguous()):
+    if not (x.is_cpu and y.is_cpu and coef_x.is_cpu and coef_y.is_cpu and x.is_contiguous() and y.is_contiguous()):
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or coef_x.requires_grad or coef_y.requires_grad):
+    if (x.requires_grad or y.requires_grad or coef_x.requires_grad or coef_y.requires_grad) and torch.is_grad_enabled():
         return False
     return not torch.compiler.is_compiling()
 
@@ -212,12 +270,14 @@ def _fused(x: Tensor, a: Tensor, y: Tensor, b: Tensor, sign: float) -> Tensor | 
     """Run the compiled kernel on ``(B, N)`` views; ``None`` (after one warning) if it cannot be compiled or run."""
     global _compile_enabled
     add = sign == 1.0
-    batch = x.shape[0]
+    shape = x.shape
+    batch = shape[0]
+    n = x.numel() // batch
     try:
         kernel = _fused_kernels.get(add)
         if kernel is None:
             kernel = _fused_kernels[add] = _FusedKernel(add)
-        return kernel(x.view(batch, -1), a, y.view(batch, -1), b).view(x.shape)
+        return kernel(x.view(batch, n), a, y.view(batch, n), b).view(shape)
     except Exception as err:  # no C++ compiler, an inductor failure...: fall back for good
         _compile_enabled = False
         log.warning(
@@ -251,7 +311,13 @@ def combine(t: Tensor, coef_x: Tensor, x: Tensor, coef_y: Tensor, y: Tensor, sig
         ``a[t]·x + sign·b[t]·y`` in ``x``'s dtype.
     """
     if _use_fused(x, y, coef_x, coef_y, sign):
-        fused = _fused(x, gather_coefficients(coef_x, t, 1), y, gather_coefficients(coef_y, t, 1), sign)
+        a = coef_x.index_select(0, t)  # gather_coefficients(coef_x, t, 1), inlined on this per-call path
+        b = coef_y.index_select(0, t)
+        if a.dtype != torch.float32:
+            a = a.float()
+        if b.dtype != torch.float32:
+            b = b.float()
+        fused = _fused(x, a, y, b, sign)
         if fused is not None:
             return fused
     a = gather_coefficients(coef_x, t, x.ndim)
