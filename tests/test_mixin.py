@@ -1190,46 +1190,6 @@ def test_checkpointed_gradients_equal_under_bf16_mixed(reentrant: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------- README usage
-def test_readme_usage_runs() -> None:
-    """The README's example, as written there (3 training steps here)."""
-
-    class Denoiser(DiffusionMixin, L.LightningModule):
-        def __init__(self, timesteps: int = 1000, dim: int = 32) -> None:
-            super().__init__()
-            self.save_hyperparameters()
-            self.register_schedule(beta_schedule="linear", timesteps=timesteps, parameterization="v")
-            self.inp = nn.Conv2d(3, dim, 3, padding=1)
-            self.emb = nn.Linear(dim, dim)
-            self.out = nn.Conv2d(dim, 3, 3, padding=1)
-
-        def forward(self, x: Tensor, t: Tensor) -> Tensor:
-            h = self.inp(x) + self.emb(self.embed_timesteps(t, self.hparams.dim))[:, :, None, None]
-            return self.out(nn.functional.silu(h))
-
-        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-            loss = self.diffusion_loss(self, batch[0], loss_weighting="min_snr")
-            self.log("train/loss", loss)
-            return loss
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.AdamW(self.parameters(), lr=1e-3)
-
-    data = DataLoader(TensorDataset(torch.randn(64, 3, 16, 16)), batch_size=16)
-    model = Denoiser()
-    trainer = L.Trainer(
-        max_steps=3,
-        precision="bf16-mixed",
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(model, data)
-    samples = model.ddim_sample(model, (4, 3, 16, 16), num_steps=25, method="trailing")
-    assert samples.shape == (4, 3, 16, 16) and torch.isfinite(samples).all()  # type: ignore[union-attr]
-
-
 def test_embed_timesteps_caches_per_exact_max_period() -> None:
     model = bare(timesteps=10)
     t = torch.tensor([0, 3, 7])

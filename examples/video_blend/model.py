@@ -27,8 +27,15 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from lightning_ldm import AlphaBlender, SinusoidalTimestepEmbedding, checkpoint, timestep_embedding, zero_module
-from lightning_ldm.mixin import DiffusionMixin
+from lightning_ldm import (
+    AlphaBlender,
+    DiffusionMixin,
+    ScheduleName,
+    SinusoidalTimestepEmbedding,
+    checkpoint,
+    timestep_embedding,
+    zero_module,
+)
 
 __all__ = [
     "SpatialResBlock",
@@ -302,7 +309,7 @@ class VideoDenoiser(DiffusionMixin, L.LightningModule):
         spatial_only: bool = False,
         merge_factor: float = 0.5,
         use_checkpoint: bool = False,
-        beta_schedule: Literal["linear", "cosine", "squaredcos_cap_v2", "sqrt_linear", "sqrt"] = "linear",
+        beta_schedule: ScheduleName = "linear",
         timesteps: int = 1000,
         linear_start: float = 1e-4,
         linear_end: float = 2e-2,
