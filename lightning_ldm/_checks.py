@@ -1,10 +1,54 @@
-"""Argument checks shared by the package: each error names the argument, echoes the value, says what is accepted."""
+"""The package's one validation layer: every public function checks its arguments with these helpers.
+
+Conventions: ``TypeError`` for a wrong type, ``ValueError`` for a wrong value; each message names the argument, shows
+the bad value (a tensor is summarised by :func:`describe`, never printed whole) and says what is accepted.
+
+Checks that read tensor values back to the host (timestep ranges) run in eager mode only: under ``torch.compile``
+they are skipped (:func:`torch.compiler.is_compiling`), so validation never splits a compiled graph. Checks of
+shapes, dtypes and Python arguments are static and run in both modes.
+"""
 
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "check_betas",
+    "check_bool",
+    "check_choice",
+    "check_floating",
+    "check_int",
+    "check_real",
+    "check_same_shape",
+    "check_tensor",
+    "check_timesteps",
+    "describe",
+]
+
+# Up to this many CPU indices, check_timesteps reads them as a Python list instead of reducing them.
+_SMALL_INDEX_NUMEL = 256
+
+
+def describe(value: Any) -> str:
+    """A short description of ``value`` for an error message: a tensor's shape, dtype, device and range."""
+    if isinstance(value, Tensor):
+        text = f"a tensor of shape {tuple(value.shape)}, dtype {value.dtype}"
+        if value.device.type != "cpu":
+            text += f", on {value.device}"
+        if value.numel() and not value.is_meta and value.dtype != torch.bool and not value.dtype.is_complex:
+            lo, hi = torch.aminmax(value.detach().reshape(-1))
+            text += f", min {lo.item():g}, max {hi.item():g}"
+        return text
+    if isinstance(value, np.ndarray):
+        return f"an array of shape {value.shape}, dtype {value.dtype}"
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}... ({type(value).__name__})"
 
 
 def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
@@ -14,8 +58,19 @@ def check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
         ValueError: ``value`` is not in ``choices``.
     """
     options = tuple(choices)
-    if value not in options:
-        raise ValueError(f"{name}={value!r} is not supported; expected one of {', '.join(map(repr, options))}")
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{name}={describe(value)} is not supported; expected one of {', '.join(map(repr, options))}")
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Return ``value`` as ``bool`` after checking it is a ``bool`` or a numpy bool (not an int, not a string).
+
+    Raises:
+        TypeError: ``value`` is not a bool.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {describe(value)} of type {type(value).__name__}")
+    return bool(value)
 
 
 def check_int(name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None) -> int:
@@ -25,8 +80,8 @@ def check_int(name: str, value: Any, *, minimum: int | None = None, maximum: int
         TypeError: ``value`` is not an integer (bools are refused too).
         ValueError: ``value`` lies outside the bounds.
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r} of type {type(value).__name__}")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {describe(value)} of type {type(value).__name__}")
     value = int(value)
     if minimum is not None and value < minimum:
         bound = f"an integer >= {minimum}" if maximum is None else f"an integer in [{minimum}, {maximum}]"
@@ -52,8 +107,8 @@ def check_real(
         TypeError: ``value`` is not a real number.
         ValueError: ``value`` is NaN, infinite or outside the bounds.
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {describe(value)} of type {type(value).__name__}")
     value = float(value)
     lo = "-inf" if minimum is None else f"{minimum:g}"
     hi = "inf" if maximum is None else f"{maximum:g}"
@@ -65,3 +120,151 @@ def check_real(
     if too_low or too_high:
         raise ValueError(f"{name}={value:g} is out of range; expected a number in {interval}")
     return value
+
+
+def check_tensor(name: str, value: Any) -> Tensor:
+    """Return ``value`` after checking it is a tensor.
+
+    Raises:
+        TypeError: ``value`` is not a ``torch.Tensor``.
+    """
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_floating(name: str, value: Any, *, min_ndim: int = 0) -> Tensor:
+    """Return ``value`` after checking it is a floating tensor with at least ``min_ndim`` dimensions.
+
+    Raises:
+        TypeError: ``value`` is not a tensor, or its dtype is not floating (integer, bool, complex).
+        ValueError: It has fewer than ``min_ndim`` dimensions.
+    """
+    check_tensor(name, value)
+    if not value.dtype.is_floating_point:
+        raise TypeError(
+            f"{name} must be a floating tensor (e.g. torch.float32 or torch.bfloat16), got {describe(value)}"
+        )
+    if value.ndim < min_ndim:
+        what = "a batch dimension" if min_ndim == 1 else f"at least {min_ndim} dimensions"
+        raise ValueError(f"{name} must have {what}, got shape {tuple(value.shape)}")
+    return value
+
+
+def check_same_shape(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
+    """Raise unless ``a`` and ``b`` have the same shape.
+
+    Raises:
+        ValueError: The shapes differ.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def check_timesteps(
+    t: Any, size: int, name: str = "t", *, batch: int | None = None, batch_of: str = "the samples"
+) -> Tensor:
+    """Check that ``t`` is a 1-D integer tensor of indices into a table of ``size`` entries.
+
+    The range check reads the values back to the host (one sync on an accelerator) in eager mode; while
+    ``torch.compile`` traces it is skipped, so a compiled step stays one graph.
+
+    Args:
+        t: The timesteps.
+        size: Number of entries of the table they index (T).
+        name: The argument's name for the messages.
+        batch: The batch size ``t`` must have (one timestep per sample), if any.
+        batch_of: What has that batch size, for the message (e.g. ``"x_start"``).
+
+    Returns:
+        ``t`` itself.
+
+    Raises:
+        TypeError: ``t`` is not a tensor or not of an integer dtype (``torch.long`` or ``torch.int32``).
+        ValueError: ``t`` is not 1-D, has another length than ``batch``, or holds an index outside ``[0, size)``.
+    """
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of integer timesteps, got {type(t).__name__}")
+    if t.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must hold integer timesteps (torch.long or torch.int32), got dtype {t.dtype}")
+    if t.ndim != 1:
+        raise ValueError(f"{name} must be 1-D with one timestep per sample, got shape {tuple(t.shape)}")
+    if batch is not None and t.shape[0] != batch:
+        raise ValueError(f"{name} has {t.shape[0]} timesteps but {batch_of} has batch size {batch}")
+    numel = t.numel()
+    if numel == 0 or torch.compiler.is_compiling():
+        return t
+    if numel <= _SMALL_INDEX_NUMEL and t.is_cpu:
+        values = t.tolist()  # a few Python ints: cheaper than a reduction and two scalar reads
+        if min(values) >= 0 and max(values) < size:
+            return t
+    else:
+        lo, hi = (int(v) for v in torch.aminmax(t))
+        if lo >= 0 and hi < size:
+            return t
+    bad = ((t < 0) | (t >= size)).nonzero()
+    index = int(bad[0, 0])
+    raise ValueError(
+        f"{name} holds timestep {int(t[index])}, outside the valid range [0, {size - 1}] of a {size}-step table "
+        f"(first at index {index}; {name} is {describe(t)})"
+    )
+
+
+def check_betas(
+    betas: Any,
+    name: str = "betas",
+    *,
+    allow_terminal_one: bool = True,
+    min_length: int = 1,
+    context: str | None = None,
+) -> np.ndarray:
+    """Return ``betas`` (numpy, torch or a sequence of numbers) as a validated, contiguous 1-D float64 array.
+
+    Args:
+        betas: The schedule.
+        name: The argument's name for the messages.
+        allow_terminal_one: Accept a last beta of exactly 1 (a zero-terminal-SNR schedule).
+        min_length: The fewest betas accepted.
+        context: What produced the betas (e.g. the schedule call), named in the messages about single entries.
+
+    Returns:
+        A new float64 array.
+
+    Raises:
+        TypeError: ``betas`` is not numeric (a string, a mapping, a bool or complex tensor, ...).
+        ValueError: It is not 1-D, has fewer than ``min_length`` entries, or holds a value that is not finite or lies
+            outside [0, 1) (the last one may be 1 with ``allow_terminal_one``).
+    """
+    if isinstance(betas, Tensor):
+        if betas.dtype.is_complex or betas.dtype == torch.bool:
+            raise TypeError(f"{name} must hold real numbers, got {describe(betas)}")
+        array = betas.detach().to("cpu", torch.float64).numpy().copy()
+    else:
+        if isinstance(betas, (str, bytes, Mapping)):
+            raise TypeError(
+                f"{name} must be a 1-D sequence, numpy array or tensor of betas, got {type(betas).__name__}"
+            )
+        try:
+            array = np.array(betas, dtype=np.float64)
+        except (TypeError, ValueError) as err:
+            raise TypeError(
+                f"{name} must be a 1-D sequence, numpy array or tensor of real numbers, got {describe(betas)}"
+            ) from err
+    if array.ndim != 1 or array.shape[0] < min_length:
+        raise ValueError(f"{name} must be a 1-D array of at least {min_length} per-timestep betas, got shape {array.shape}")
+    entry = f"{context}: beta" if context else name
+    finite = np.isfinite(array)
+    if not finite.all():
+        bad = int(np.flatnonzero(~finite)[0])
+        raise ValueError(f"{entry}[{bad}]={float(array[bad])} is not finite; expected betas in [0, 1)")
+    upper_ok = array < 1.0
+    if allow_terminal_one:
+        upper_ok[-1] = array[-1] <= 1.0
+    ok = (array >= 0.0) & upper_ok
+    if not ok.all():
+        bad = int(np.flatnonzero(~ok)[0])
+        accepted = (
+            "[0, 1) (only the last beta may be 1: a zero-terminal-SNR schedule)" if allow_terminal_one else "[0, 1)"
+        )
+        raise ValueError(f"{entry}[{bad}]={float(array[bad])!r} lies outside {accepted}")
+    return np.ascontiguousarray(array)

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from lightning_ldm._checks import check_choice, check_int, check_real
+from lightning_ldm._checks import check_bool, check_choice, check_int, check_real
+from lightning_ldm.noise_schedule import ScheduleConfig
 from lightning_ldm.schedules import make_beta_schedule
 
 __all__ = ["from_diffusers_config", "to_diffusers_config"]
@@ -53,7 +54,7 @@ _DIFFUSERS_DEFAULTS: dict[str, Any] = {
 
 
 def to_diffusers_config(
-    beta_schedule: str = "linear",
+    beta_schedule: str | ScheduleConfig = "linear",
     timesteps: int = 1000,
     linear_start: float = 1e-4,
     linear_end: float = 2e-2,
@@ -61,15 +62,17 @@ def to_diffusers_config(
     zero_terminal_snr: bool = False,
     parameterization: str = "eps",
 ) -> dict[str, Any]:
-    """The diffusers scheduler config for our schedule arguments (the keys of ``DDPMScheduler``'s config).
+    """The diffusers scheduler config for our schedule (the keys of ``DDPMScheduler``'s config).
 
     The result works as ``DDPMScheduler(**config)``, ``DDIMScheduler(**config)`` or ``from_config(config)``, and
     holds exactly the schedule-defining keys: ``num_train_timesteps``, ``beta_start``, ``beta_end``,
-    ``beta_schedule``, ``trained_betas`` (``None``), ``prediction_type`` and ``rescale_betas_zero_snr``. Sampling
-    options (``clip_sample``, ``timestep_spacing``, ...) are left to the caller.
+    ``beta_schedule``, ``trained_betas``, ``prediction_type`` and ``rescale_betas_zero_snr``. Sampling options
+    (``clip_sample``, ``timestep_spacing``, ...) are left to the caller. A config with ``given_betas`` gives them as
+    ``trained_betas``; ``v_posterior`` has no diffusers key (it only changes the DDPM posterior variance).
 
     Args:
-        beta_schedule: Our schedule name (see the module's table).
+        beta_schedule: Our schedule name (see the module's table), or a whole
+            :class:`~lightning_ldm.noise_schedule.ScheduleConfig` (then the other arguments are ignored).
         timesteps: Number of training timesteps.
         linear_start: First value of the linear schedules.
         linear_end: Last value of the linear schedules.
@@ -86,31 +89,40 @@ def to_diffusers_config(
             any error of :func:`~lightning_ldm.schedules.make_beta_schedule` for these arguments.
         TypeError: ``zero_terminal_snr`` is not a bool, or a numeric argument has the wrong type.
     """
-    make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s)  # validates every argument
-    check_choice("parameterization", parameterization, tuple(_TO_PREDICTION))
-    if not isinstance(zero_terminal_snr, (bool, np.bool_)):
-        raise TypeError(f"zero_terminal_snr must be a bool, got {zero_terminal_snr!r}")
-    hint = f"; pass the betas instead: trained_betas=make_beta_schedule({beta_schedule!r}, {timesteps}, ...).tolist()"
-    if beta_schedule == "sqrt":
-        raise ValueError(f"beta_schedule='sqrt' has no diffusers equivalent{hint}")
-    if beta_schedule == "cosine":
-        if float(cosine_s) != DIFFUSERS_COSINE_S:
-            raise ValueError(
-                f"beta_schedule='cosine' with cosine_s={cosine_s!r} has no diffusers equivalent (diffusers' "
-                f"'squaredcos_cap_v2' fixes cosine_s={DIFFUSERS_COSINE_S}){hint}"
-            )
-        diffusers_schedule = "squaredcos_cap_v2"
+    if isinstance(beta_schedule, ScheduleConfig):
+        config = beta_schedule
     else:
-        diffusers_schedule = _TO_DIFFUSERS_SCHEDULE[beta_schedule]
-    return {
-        "num_train_timesteps": int(timesteps),
-        "beta_start": float(linear_start),
-        "beta_end": float(linear_end),
-        "beta_schedule": diffusers_schedule,
+        make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s)  # validates every argument
+        config = ScheduleConfig(
+            beta_schedule=beta_schedule,  # type: ignore[arg-type]
+            timesteps=timesteps,
+            linear_start=linear_start,
+            linear_end=linear_end,
+            cosine_s=cosine_s,
+            zero_terminal_snr=zero_terminal_snr,
+            parameterization=parameterization,  # type: ignore[arg-type]
+        )
+    out = {
+        "num_train_timesteps": config.timesteps,
+        "beta_start": config.linear_start,
+        "beta_end": config.linear_end,
+        "beta_schedule": "linear",
         "trained_betas": None,
-        "prediction_type": _TO_PREDICTION[parameterization],
-        "rescale_betas_zero_snr": bool(zero_terminal_snr),
+        "prediction_type": _TO_PREDICTION[config.parameterization],
+        "rescale_betas_zero_snr": config.zero_terminal_snr,
     }
+    if config.given_betas is not None:
+        return {**out, "trained_betas": list(config.given_betas)}
+    name = config.beta_schedule
+    hint = f"; pass the betas instead: trained_betas=make_beta_schedule({name!r}, {config.timesteps}, ...).tolist()"
+    if name == "sqrt":
+        raise ValueError(f"beta_schedule='sqrt' has no diffusers equivalent{hint}")
+    if name == "cosine" and config.cosine_s != DIFFUSERS_COSINE_S:
+        raise ValueError(
+            f"beta_schedule='cosine' with cosine_s={config.cosine_s!r} has no diffusers equivalent (diffusers' "
+            f"'squaredcos_cap_v2' fixes cosine_s={DIFFUSERS_COSINE_S}){hint}"
+        )
+    return {**out, "beta_schedule": "squaredcos_cap_v2" if name == "cosine" else _TO_DIFFUSERS_SCHEDULE[name]}
 
 
 def from_diffusers_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -143,9 +155,7 @@ def from_diffusers_config(config: Mapping[str, Any]) -> dict[str, Any]:
     timesteps = check_int("config['num_train_timesteps']", cfg["num_train_timesteps"], minimum=1)
     linear_start = check_real("config['beta_start']", cfg["beta_start"], minimum=0.0)
     linear_end = check_real("config['beta_end']", cfg["beta_end"], minimum=0.0)
-    zero_snr = cfg["rescale_betas_zero_snr"]
-    if not isinstance(zero_snr, (bool, np.bool_)):
-        raise TypeError(f"config['rescale_betas_zero_snr'] must be a bool, got {zero_snr!r}")
+    zero_snr = check_bool("config['rescale_betas_zero_snr']", cfg["rescale_betas_zero_snr"])
 
     given_betas = None
     if cfg["trained_betas"] is not None:

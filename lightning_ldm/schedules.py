@@ -22,7 +22,7 @@ import torch
 from numpy.typing import ArrayLike
 from torch import Tensor
 
-from lightning_ldm._checks import check_choice, check_int, check_real
+from lightning_ldm._checks import check_betas, check_choice, check_int, check_real
 
 __all__ = [
     "SCHEDULES",
@@ -65,23 +65,6 @@ TERMINAL_ALPHA_BAR = 2.0**-24
 
 def _check_nonnegative(name: str, value: float) -> float:
     return check_real(name, value, minimum=0.0)
-
-
-def _check_betas_in_range(betas: np.ndarray, *, allow_terminal_one: bool, context: str) -> None:
-    """Raise unless every beta lies in [0, 1) (with ``allow_terminal_one``: the last one may be exactly 1)."""
-    if not np.all(np.isfinite(betas)):
-        bad = int(np.flatnonzero(~np.isfinite(betas))[0])
-        raise ValueError(f"{context}: beta[{bad}]={float(betas[bad])} is not finite; expected betas in [0, 1)")
-    upper_ok = betas < 1.0
-    if allow_terminal_one:
-        upper_ok[-1] = betas[-1] <= 1.0
-    ok = (betas >= 0.0) & upper_ok
-    if not np.all(ok):
-        bad = int(np.flatnonzero(~ok)[0])
-        accepted = (
-            "[0, 1) (only the last beta may be 1: a zero-terminal-SNR schedule)" if allow_terminal_one else "[0, 1)"
-        )
-        raise ValueError(f"{context}: beta[{bad}]={float(betas[bad])!r} lies outside {accepted}")
 
 
 def make_beta_schedule(
@@ -145,8 +128,7 @@ def make_beta_schedule(
         f"make_beta_schedule({schedule!r}, n_timestep={n_timestep}, linear_start={linear_start:g}, "
         f"linear_end={linear_end:g}, cosine_s={cosine_s:g})"
     )
-    _check_betas_in_range(out, allow_terminal_one=False, context=context)
-    return out
+    return check_betas(out, allow_terminal_one=False, context=context)
 
 
 def betas_for_alpha_bar(
@@ -181,24 +163,8 @@ def betas_for_alpha_bar(
         if not a1 > 0:  # also catches NaN
             raise ValueError(f"alpha_bar({t1!r}) = {a1!r}; alpha_bar must be positive on [0, 1)")
         betas.append(min(1 - alpha_bar(t2) / a1, max_beta))
-    out = np.array(betas, dtype=np.float64)
-    _check_betas_in_range(
-        out,
-        allow_terminal_one=True,
-        context=f"betas_for_alpha_bar({n}, alpha_bar={alpha_bar!r}, max_beta={max_beta:g})",
-    )
-    return out
-
-
-def _as_betas(betas: ArrayLike, name: str = "betas", *, allow_terminal_one: bool = True) -> np.ndarray:
-    """Validate and copy a beta schedule as a float64 1-D array."""
-    if isinstance(betas, Tensor):
-        betas = betas.detach().cpu().double().numpy()
-    arr = np.array(betas, dtype=np.float64)  # copies
-    if arr.ndim != 1 or arr.shape[0] < 1:
-        raise ValueError(f"{name} must be a non-empty 1-D array of per-timestep betas, got shape {arr.shape}")
-    _check_betas_in_range(arr, allow_terminal_one=allow_terminal_one, context=name)
-    return arr
+    context = f"betas_for_alpha_bar({n}, alpha_bar={alpha_bar!r}, max_beta={max_beta:g})"
+    return check_betas(betas, allow_terminal_one=True, context=context)
 
 
 def rescale_zero_terminal_snr(betas: ArrayLike) -> np.ndarray:
@@ -218,7 +184,7 @@ def rescale_zero_terminal_snr(betas: ArrayLike) -> np.ndarray:
         ValueError: ``betas`` is not 1-D with at least two entries, holds values outside [0, 1), or its last beta is
             0 (then ``ā`` is flat at the end and the rescaled schedule is undefined).
     """
-    b = _as_betas(betas)
+    b = check_betas(betas)
     if b.shape[0] < 2:
         raise ValueError(f"rescale_zero_terminal_snr needs at least 2 betas, got {b.shape[0]}")
     if b[-1] <= 0.0:
@@ -292,11 +258,14 @@ def log_snr(alphas_cumprod: ArrayLike | Tensor) -> np.ndarray | Tensor:
 
 
 def _reciprocal_safe(ac: np.ndarray) -> np.ndarray:
-    """``ā*`` of :func:`schedule_tables`: ``max(ā, 1e-20)``, and ``ā = 0`` replaced by ``min(2⁻²⁴, min ā > 0)``."""
+    """``ā*`` of :func:`schedule_tables`: ``ā`` where it is positive, ``min(2⁻²⁴, min ā > 0)`` where it is 0.
+
+    A positive ``ā`` below float64's smallest normal number (whose reciprocal would overflow) counts as that number.
+    """
     positive = ac > 0
-    smallest = float(ac[positive].min()) if positive.any() else TERMINAL_ALPHA_BAR
-    terminal = max(min(TERMINAL_ALPHA_BAR, smallest), LOG_FLOOR)
-    return np.where(positive, np.maximum(ac, LOG_FLOOR), terminal)
+    floored = np.maximum(ac, np.finfo(np.float64).tiny)
+    smallest = float(floored[positive].min()) if positive.any() else TERMINAL_ALPHA_BAR
+    return np.where(positive, floored, min(TERMINAL_ALPHA_BAR, smallest))
 
 
 def schedule_tables(betas: ArrayLike, v_posterior: float = 0.0) -> dict[str, np.ndarray]:
@@ -324,9 +293,10 @@ def schedule_tables(betas: ArrayLike, v_posterior: float = 0.0) -> dict[str, np.
 
     * ``ā = 0`` (the last step of a zero-terminal-SNR schedule, ``β_T = 1``): the reciprocal tables use
       ``ā* = min(2⁻²⁴, smallest positive ā)`` there (2⁻²⁴ is what diffusers' Euler scheduler substitutes), so
-      ``sqrt_recip_alphas_cumprod[T−1] = 4096`` for the usual schedules; ``snr`` is 0 there. Elsewhere
-      ``ā* = max(ā, 1e-20)``, which is ``ā`` itself for any schedule that keeps a trace of signal (the reciprocal
-      tables then stay below 1e10, finite in float32 as well).
+      ``sqrt_recip_alphas_cumprod[T−1] = 4096`` for the usual schedules; ``snr`` is 0 there. Wherever ``ā > 0``,
+      ``ā* = ā``: the CompVis numbers, however large (the ``"sqrt"`` schedule reaches ``1/√ā ≈ 5.6e21`` at
+      T = 1000, which float32 holds); only an ``ā`` so small that its reciprocal overflows float64 is raised to
+      float64's smallest normal number.
     * ``ā = 1`` (leading zero betas): ``1 − ā`` is 0, so the posterior at those steps is the limit for
       ``β → 0``: variance 0, ``coef1 = 1``, ``coef2 = 0``; ``log(1 − ā)`` is floored at ``log(1e-20)``.
 
@@ -341,7 +311,7 @@ def schedule_tables(betas: ArrayLike, v_posterior: float = 0.0) -> dict[str, np.
         ValueError: ``betas`` is not a non-empty 1-D array of finite values in [0, 1) (last may be 1), or
             ``v_posterior`` is outside [0, 1].
     """
-    b = _as_betas(betas)
+    b = check_betas(betas)
     v = check_real("v_posterior", v_posterior, minimum=0.0, maximum=1.0)
     alphas = 1.0 - b
     ac = np.cumprod(alphas, axis=0)

@@ -187,7 +187,7 @@ CALLS = {
             (2, 3),
             (2, 3),
             ValueError,
-            r"t has 3 timesteps but (x_start|x_t) has batch shape \(2,\)",
+            r"t has 3 timesteps but (x_start|x_t) has batch size 2",
         ),
         (
             torch.tensor([1, 0]),
@@ -222,3 +222,59 @@ def test_tables_of_different_lengths_are_refused(name):
 
 
 _X, _Y, _T = torch.zeros(2, 3), torch.ones(2, 3), torch.tensor([999, 0])
+
+
+# ------------------------------------------------------------------------------ the eager forms, bit for bit
+def _reference(t: torch.Tensor, a: torch.Tensor, x: torch.Tensor, b: torch.Tensor, y: torch.Tensor, sign: float):
+    """CompVis' ``extract_into_tensor(a, t, x.shape) * x ± extract_into_tensor(b, t, x.shape) * y``, then the cast."""
+    shape = (t.shape[0],) + (1,) * (x.ndim - 1)
+    ax = a.gather(-1, t).reshape(shape) * x
+    by = b.gather(-1, t).reshape(shape) * y
+    return (ax + by if sign == 1.0 else ax - by).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+@pytest.mark.parametrize("shape", [(8, 4, 16, 16), (3, 5), (1, 2, 3, 4, 5)])
+def test_combine_is_the_reference_formula_bitwise(dtype: torch.dtype, sign: float, shape: tuple[int, ...]) -> None:
+    x, y = sample(shape, seed=7, dtype=dtype)
+    t = torch.randint(0, T, (shape[0],), generator=torch.Generator().manual_seed(3))
+    a, b = TABLES["sqrt_ac"], TABLES["sqrt_1m_ac"]
+    out = combine(t, a, x, b, y, sign)
+    assert out.dtype == dtype
+    assert torch.equal(out, _reference(t, a, x, b, y, sign))
+    # views and non-contiguous inputs take the same path and give the same bits
+    xt, yt = x.transpose(0, -1).contiguous().transpose(0, -1), y.transpose(0, -1).contiguous().transpose(0, -1)
+    assert not xt.is_contiguous() or len(shape) == 2
+    assert torch.equal(combine(t, a, xt, b, yt, sign), out)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_combine_leaves_its_inputs_alone_and_keeps_gradients(dtype: torch.dtype) -> None:
+    x, y = sample((4, 3, 8), seed=1, dtype=dtype)
+    x0, y0 = x.clone(), y.clone()
+    t = torch.tensor([0, 1, 500, 999])
+    out = q_sample(x, t, y, TABLES["sqrt_ac"], TABLES["sqrt_1m_ac"])
+    assert torch.equal(x, x0) and torch.equal(y, y0)
+    xg = x.clone().requires_grad_(True)
+    q_sample(xg, t, y, TABLES["sqrt_ac"], TABLES["sqrt_1m_ac"]).float().sum().backward()
+    expected = TABLES["sqrt_ac"][t].view(-1, 1, 1).expand(x.shape).to(dtype)
+    assert torch.equal(xg.grad, expected)
+    assert torch.equal(q_sample(xg.detach(), t, y, TABLES["sqrt_ac"], TABLES["sqrt_1m_ac"]), out)
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        (torch.full((2, 3), 200, dtype=torch.uint8), r"x_start must be a floating tensor.*torch.uint8"),
+        (torch.ones(2, 3, dtype=torch.bool), r"x_start must be a floating tensor.*torch.bool"),
+        (torch.ones(2, 3, dtype=torch.complex64), r"x_start must be a floating tensor.*torch.complex64"),
+        (torch.ones(2, 3, dtype=torch.int64), r"x_start must be a floating tensor.*torch.int64"),
+    ],
+)
+def test_q_sample_refuses_non_floating_samples(bad: torch.Tensor, match: str) -> None:
+    t = torch.tensor([0, 5])
+    with pytest.raises(TypeError, match=match):
+        q_sample(bad, t, torch.zeros(2, 3), TABLES["sqrt_ac"], TABLES["sqrt_1m_ac"])
+    with pytest.raises(TypeError, match=r"noise must be a floating tensor.*torch.int64"):
+        q_sample(torch.zeros(2, 3), t, torch.zeros(2, 3, dtype=torch.int64), TABLES["sqrt_ac"], TABLES["sqrt_1m_ac"])

@@ -364,12 +364,12 @@ def test_betas_for_alpha_bar_errors():
 @pytest.mark.parametrize(
     ("betas", "match"),
     [
-        (np.zeros((2, 3)), r"betas must be a non-empty 1-D array of per-timestep betas, got shape \(2, 3\)"),
+        (np.zeros((2, 3)), r"betas must be a 1-D array of at least 1 per-timestep betas, got shape \(2, 3\)"),
         (np.array([]), r"got shape \(0,\)"),
-        (np.array([0.1, np.nan, 0.2]), r"betas: beta\[1\]=nan is not finite"),
-        (np.array([0.1, -0.2, 0.2]), r"beta\[1\]=-0.2 lies outside \[0, 1\) \(only the last beta may be 1"),
-        (np.array([0.1, 1.0, 0.2]), r"beta\[1\]=1.0 lies outside"),
-        (np.array([0.1, 0.2, 1.5]), r"beta\[2\]=1.5 lies outside"),
+        (np.array([0.1, np.nan, 0.2]), r"betas\[1\]=nan is not finite"),
+        (np.array([0.1, -0.2, 0.2]), r"betas\[1\]=-0.2 lies outside \[0, 1\) \(only the last beta may be 1"),
+        (np.array([0.1, 1.0, 0.2]), r"betas\[1\]=1.0 lies outside"),
+        (np.array([0.1, 0.2, 1.5]), r"betas\[2\]=1.5 lies outside"),
     ],
 )
 def test_schedule_tables_rejects_bad_betas(betas, match):
@@ -387,7 +387,7 @@ def test_rescale_zero_terminal_snr_errors():
         rescale_zero_terminal_snr(np.array([0.1]))
     with pytest.raises(ValueError, match=r"the last beta is 0.0; rescale_zero_terminal_snr needs a positive last beta"):
         rescale_zero_terminal_snr(np.array([0.1, 0.2, 0.0]))
-    with pytest.raises(ValueError, match=r"beta\[1\]=-0.1 lies outside"):
+    with pytest.raises(ValueError, match=r"betas\[1\]=-0.1 lies outside"):
         rescale_zero_terminal_snr(np.array([0.1, -0.1, 0.2]))
 
 

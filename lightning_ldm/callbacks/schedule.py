@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -219,23 +219,10 @@ class ScheduleCallback(Callback):
                 )
 
     def _check_schedule(self, trainer: pl.Trainer, module: DiffusionMixin) -> int:
-        if "alphas_cumprod" not in module._buffers or not isinstance(getattr(module, "num_timesteps", None), int):
+        if module.noise_schedule is None:
             raise RuntimeError(
                 f"{type(module).__name__} has no noise schedule; call self.register_schedule(...) in __init__ "
                 "(or in setup/configure_model) before fitting with ScheduleCallback"
-            )
-        names = module.schedule_table_names
-        bad = {
-            name: buf.dtype
-            for name in names
-            if isinstance(buf := module._buffers.get(name), Tensor) and buf.dtype not in _TABLE_DTYPES
-        }
-        if bad:
-            listed = ", ".join(f"{name}: {dtype}" for name, dtype in bad.items())
-            raise ValueError(
-                f"schedule tables must stay float32 or float64, but under precision={trainer.precision!r} and "
-                f"{type(trainer.strategy).__name__} they are {listed}; low-precision tables give wrong noise levels "
-                "(a bf16 sqrt(1 - alphas_cumprod) is 0 at t = 0 and 1)"
             )
         num_timesteps = module.num_timesteps
         if self.num_buckets > num_timesteps:
@@ -275,7 +262,7 @@ class ScheduleCallback(Callback):
         module.timestep_sampler = self.sampler
         module.diffusion_generator = self._generator
 
-        alphas_cumprod = cast(Tensor, module._buffers["alphas_cumprod"])  # present: checked by _check_schedule
+        alphas_cumprod = module.alphas_cumprod
         # from the float32 SNR table (computed in float64) rather than from the float32 ā: near ā = 1 the float32
         # rounding of ā is a 6e-4 relative error in 1 − ā; log(max(snr, 1e-20)) equals schedules.log_snr there.
         steps = torch.arange(num_timesteps, device=alphas_cumprod.device)

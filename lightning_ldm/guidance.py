@@ -1,0 +1,127 @@
+r"""Classifier-free guidance (Ho & Salimans 2022) as a wrapper around a conditional model.
+
+:func:`guided_model` turns ``model(x, t, **kwargs)`` plus a conditional and an unconditional input into the
+``model_fn(x, t)`` that the samplers call: with guidance scale ``s ≠ 1`` the two branches run as one batch of 2B and
+the output is ``out_u + s·(out_c − out_u)`` in float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_ldm._checks import check_real
+
+__all__ = ["Conditioning", "eval_mode", "guided_model"]
+
+#: A conditioning input: a tensor (passed as the keyword ``cond=``), a mapping of keyword arguments, or ``None``.
+Conditioning = Tensor | Mapping[str, Any] | None
+
+
+def _as_kwargs(value: Conditioning, name: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if isinstance(value, Tensor):
+        return {"cond": value}
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(
+        f"{name} must be a Tensor (passed as model(..., cond=...)), a mapping of keyword arguments or None, "
+        f"got {type(value).__name__}"
+    )
+
+
+def _expand_batch(value: Tensor, batch_size: int, name: str) -> Tensor:
+    if value.ndim == 0 or value.shape[0] not in (1, batch_size):
+        raise ValueError(
+            f"{name} must have batch size {batch_size} (or 1, broadcast over the batch), got shape {tuple(value.shape)}"
+        )
+    return value.expand(batch_size, *value.shape[1:]) if value.shape[0] != batch_size else value
+
+
+def guided_model(
+    model: Callable[..., Tensor],
+    batch_size: int,
+    *,
+    guidance_scale: float = 1.0,
+    cond: Conditioning = None,
+    uncond: Conditioning = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """Wrap ``model`` into ``model_fn(x, t)`` with classifier-free guidance.
+
+    A tensor ``cond`` is passed as the keyword ``cond=``, a mapping is merged into the keyword arguments (e.g.
+    ``{"context": emb}``). With ``guidance_scale`` s ≠ 1 the unconditional and conditional branches run as one batch
+    of 2B (``uncond`` first; ``cond``/``uncond`` tensors of batch 1 are broadcast, and tensors in ``model_kwargs``
+    with batch B are repeated) and the output is ``out_u + s·(out_c − out_u)`` in float32. With s = 1 only the
+    conditional branch runs.
+
+    Args:
+        model: The network, called as ``model(x, t, **model_kwargs, **cond_kwargs)``.
+        batch_size: B, the number of samples.
+        guidance_scale: The guidance scale s.
+        cond: Conditioning (tensor or keyword mapping).
+        uncond: Unconditional conditioning, needed when s ≠ 1.
+        model_kwargs: Keyword arguments for every call.
+
+    Returns:
+        ``model_fn(x, t) -> Tensor``.
+
+    Raises:
+        ValueError: Guidance without ``uncond``/``cond``, keywords that differ between the two, or a conditioning
+            tensor of the wrong batch size.
+        TypeError: ``cond``/``uncond`` is neither a tensor, a mapping nor ``None``, or a guided entry is not a tensor.
+    """
+    scale = check_real("guidance_scale", guidance_scale)
+    cond_kw = _as_kwargs(cond, "cond")
+    uncond_kw = _as_kwargs(uncond, "uncond")
+    base_kw = dict(model_kwargs or {})
+    single_kw = {**base_kw, **cond_kw}
+    if scale == 1.0:
+        return lambda x, t: model(x, t, **single_kw)
+    if uncond is None or cond is None:
+        raise ValueError(
+            f"guidance_scale={scale:g} needs both cond and uncond (the unconditional input, e.g. a null embedding); "
+            "pass guidance_scale=1.0 for unguided sampling"
+        )
+    if set(cond_kw) != set(uncond_kw):
+        raise ValueError(f"cond and uncond must name the same keywords, got {sorted(cond_kw)} and {sorted(uncond_kw)}")
+    pair_kw = dict(base_kw)
+    for key, value in base_kw.items():
+        if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == batch_size:
+            pair_kw[key] = torch.cat([value, value])
+    for key in cond_kw:
+        c, u = cond_kw[key], uncond_kw[key]
+        if not (isinstance(c, Tensor) and isinstance(u, Tensor)):
+            raise TypeError(
+                f"cond[{key!r}] and uncond[{key!r}] must be tensors to batch them, got {type(c).__name__} and "
+                f"{type(u).__name__}"
+            )
+        pair_kw[key] = torch.cat(
+            [_expand_batch(u, batch_size, f"uncond[{key!r}]"), _expand_batch(c, batch_size, f"cond[{key!r}]")]
+        )
+
+    def model_fn(x: Tensor, t: Tensor) -> Tensor:
+        out = model(torch.cat([x, x]), torch.cat([t, t]), **pair_kw)
+        out_u, out_c = out.float().chunk(2)
+        return out_u + scale * (out_c - out_u)
+
+    return model_fn
+
+
+@contextlib.contextmanager
+def eval_mode(model: Any) -> Iterator[None]:
+    """Put ``model`` (if it is an ``nn.Module``) in eval mode and restore every submodule's mode afterwards."""
+    modules = list(model.modules()) if isinstance(model, nn.Module) else []
+    modes = [m.training for m in modules]
+    if isinstance(model, nn.Module):
+        model.eval()
+    try:
+        yield
+    finally:
+        for module, mode in zip(modules, modes, strict=True):
+            module.training = mode
