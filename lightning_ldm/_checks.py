@@ -251,7 +251,9 @@ def check_betas(
                 f"{name} must be a 1-D sequence, numpy array or tensor of real numbers, got {describe(betas)}"
             ) from err
     if array.ndim != 1 or array.shape[0] < min_length:
-        raise ValueError(f"{name} must be a 1-D array of at least {min_length} per-timestep betas, got shape {array.shape}")
+        raise ValueError(
+            f"{name} must be a 1-D array of at least {min_length} per-timestep betas, got shape {array.shape}"
+        )
     entry = f"{context}: beta" if context else name
     finite = np.isfinite(array)
     if not finite.all():

@@ -253,7 +253,7 @@ class DiffusionMixin(ScheduleHolder):
         x_T: Tensor | None = None,  # noqa: N803 (the DDIM papers' and the core's name)
         clip_x0: float | None = None,
     ) -> Tensor | tuple[Tensor, dict[str, list[Tensor]]]:
-        r"""Sample with DDIM (:func:`~lightning_ldm.ddim.ddim_sample`) and guidance (:func:`~lightning_ldm.guidance.guided_model`).
+        r"""Sample with DDIM (:func:`~lightning_ldm.ddim.ddim_sample`) and classifier-free guidance.
 
         Runs under ``torch.no_grad()`` with ``model`` in eval mode (modes restored afterwards) and, on a Trainer,
         under ``trainer.precision_plugin.forward_context()``. ``x_T`` is drawn in float32 from ``generator`` (the
