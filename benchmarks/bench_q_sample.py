@@ -108,7 +108,9 @@ def run(cfg: Config) -> list[Result]:
                     f"{torch.equal(ours_out, reference_out)}; error {err:.3f} ulp"
                 )
 
-            def mixed_dtype(x: Tensor = x, t: Tensor = t, noise: Tensor = noise) -> Tensor:
+            def mixed_dtype(
+                x: Tensor = x, t: Tensor = t, noise: Tensor = noise, bshape: tuple[int, ...] = bshape
+            ) -> Tensor:
                 """The eager form before the explicit upcast: mixed-dtype products (bf16 sample, float32 coef)."""
                 a, b = sa.index_select(0, t).view(bshape), s1.index_select(0, t).view(bshape)
                 out = x * a
