@@ -70,20 +70,27 @@ def make_loader(n: int = 32, dim: int = 8, batch_size: int = 8, seed: int = 0) -
     return DataLoader(TensorDataset(torch.randn(n, dim, generator=g)), batch_size=batch_size, shuffle=False)
 
 
-def make_trainer(**kwargs: Any) -> L.Trainer:
-    """A quiet single-process CPU Trainer (no checkpointing, no logger, no progress bar) unless overridden."""
-    defaults: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-        "max_steps": 4,
-    }
-    defaults.update(kwargs)
-    return L.Trainer(**defaults)
+#: The Trainer every Lightning test starts from: one CPU process, deterministic algorithms, nothing written (no logger,
+#: no checkpoints) and nothing printed (no progress bar, no model summary), no sanity validation, 4 steps. Tests pass
+#: what they need on top (``make_trainer(max_steps=8, callbacks=[...])``); LightningCLI tests pass it as
+#: ``trainer_defaults``. ``conftest.py`` restores torch's deterministic-algorithms flag after each test, since
+#: ``deterministic=True`` sets it process-wide.
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "accelerator": "cpu",
+    "devices": 1,
+    "deterministic": True,
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+    "max_steps": 4,
+}
+
+
+def make_trainer(**overrides: Any) -> L.Trainer:
+    """A ``L.Trainer`` with ``TRAINER_DEFAULTS``, each overridden by the keyword of the same name."""
+    return L.Trainer(**{**TRAINER_DEFAULTS, **overrides})
 
 
 class RecordingLogger(Logger):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -10,18 +11,12 @@ from lightning.pytorch.cli import LightningCLI
 
 from lightning_ldm.callbacks import AlphaBlenderMonitor, GradientCheckpointing, ScheduleCallback
 from lightning_ldm.timestep_samplers import LogitNormalSampler
-from tests.lightning_helpers import TinyDataModule, TinyDenoiser
+from tests.lightning_helpers import TRAINER_DEFAULTS, TinyDataModule, TinyDenoiser
 
 CONFIG = """
 seed_everything: 123
 trainer:
-  accelerator: cpu
-  devices: 1
   max_steps: 2
-  logger: false
-  enable_checkpointing: false
-  enable_progress_bar: false
-  enable_model_summary: false
   callbacks:
     - class_path: lightning_ldm.callbacks.ScheduleCallback
       init_args:
@@ -49,8 +44,14 @@ def _write(tmp_path: Path, text: str) -> str:
     return str(path)
 
 
+def _cli(args: list[str], **kwargs: Any) -> LightningCLI:
+    """LightningCLI over the tiny model and data, on the suite's quiet CPU Trainer (the YAML overrides it)."""
+    return LightningCLI(TinyDenoiser, TinyDataModule, args=args, trainer_defaults=TRAINER_DEFAULTS, **kwargs)
+
+
 def test_cli_builds_model_and_callbacks(tmp_path: Path) -> None:
-    cli = LightningCLI(TinyDenoiser, TinyDataModule, args=["--config", _write(tmp_path, CONFIG)], run=False)
+    cli = _cli(["--config", _write(tmp_path, CONFIG)], run=False)
+    assert cli.trainer.max_steps == 2 and cli.trainer.logger is None  # the YAML over TRAINER_DEFAULTS
     model = cli.model
     assert isinstance(model, TinyDenoiser)
     assert model.num_timesteps == 30 and model.parameterization == "v"
@@ -65,10 +66,8 @@ def test_cli_builds_model_and_callbacks(tmp_path: Path) -> None:
 
 
 def test_cli_fit_runs_with_the_callbacks(tmp_path: Path) -> None:
-    cli = LightningCLI(
-        TinyDenoiser,
-        TinyDataModule,
-        args=["fit", "--config", _write(tmp_path, CONFIG), "--trainer.default_root_dir", str(tmp_path)],
+    cli = _cli(
+        ["fit", "--config", _write(tmp_path, CONFIG), "--trainer.default_root_dir", str(tmp_path)],
         save_config_callback=None,
     )
     schedule = next(cb for cb in cli.trainer.callbacks if isinstance(cb, ScheduleCallback))
@@ -89,17 +88,10 @@ def test_cli_fit_runs_with_the_callbacks(tmp_path: Path) -> None:
 )
 def test_cli_refuses_bad_callback_config(tmp_path: Path, old: str, new: str, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        LightningCLI(
-            TinyDenoiser, TinyDataModule, args=["--config", _write(tmp_path, CONFIG.replace(old, new))], run=False
-        )
+        _cli(["--config", _write(tmp_path, CONFIG.replace(old, new))], run=False)
 
 
 def test_cli_refuses_unknown_sampler_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        LightningCLI(
-            TinyDenoiser,
-            TinyDataModule,
-            args=["--config", _write(tmp_path, CONFIG.replace("logit_normal\n", "bogus\n"))],
-            run=False,
-        )
+        _cli(["--config", _write(tmp_path, CONFIG.replace("logit_normal\n", "bogus\n"))], run=False)
     assert "sampler" in capsys.readouterr().err

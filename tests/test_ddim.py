@@ -1,4 +1,7 @@
-"""DDIM steps, sigmas, the update and the sampling loop: seed parity, diffusers parity, properties, errors."""
+"""DDIM steps, sigmas, the update and the sampling loop: CompVis parity, properties, errors.
+
+Parity with diffusers' DDIMScheduler lives in test_ddim_diffusers.py.
+"""
 
 from __future__ import annotations
 
@@ -13,49 +16,24 @@ from hypothesis import strategies as st
 
 from lightning_ldm.ddim import ddim_sample, ddim_step, make_ddim_sampling_parameters, make_ddim_timesteps
 from lightning_ldm.schedules import make_beta_schedule, rescale_zero_terminal_snr
-
-pytest.importorskip("diffusers")
-from diffusers import DDIMScheduler
+from tests import compvis_reference as compvis
 
 T = 1000
-SD_BETAS = make_beta_schedule("linear", T, linear_start=0.00085, linear_end=0.012)
+SD_BETAS = make_beta_schedule("linear", T, **compvis.SD_LINEAR)
 AC = np.cumprod(1 - SD_BETAS)
 UNIFORM_FAILS_T1000 = {3, 9, 27, 36, 37, *range(101, 112), *range(251, 334), *range(501, 1001)}
-
-
-# --- the seed, transcribed -------------------------------------------------------------------------------------------
-def seed_make_ddim_timesteps(method, n, total):
-    if method == "uniform":
-        c = total // n
-        steps = np.asarray(list(range(0, total, c)))
-    else:
-        steps = ((np.linspace(0, np.sqrt(total * 0.8), n)) ** 2).astype(int)
-    return steps + 1
-
-
-def seed_make_ddim_sampling_parameters(alphacums, ddim_timesteps, eta):
-    alphas = alphacums[ddim_timesteps]
-    alphas_prev = np.asarray([alphacums[0]] + alphacums[ddim_timesteps[:-1]].tolist())  # noqa: RUF005 (as the seed)
-    sigmas = eta * np.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
-    return sigmas, alphas, alphas_prev
-
-
-def diffusers_steps(spacing, n, total):
-    sched = DDIMScheduler(num_train_timesteps=total, timestep_spacing=spacing)
-    sched.set_timesteps(n)
-    return np.sort(sched.timesteps.numpy())
 
 
 # --- make_ddim_timesteps ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["uniform", "quad"])
 @pytest.mark.parametrize(("n", "total"), [(10, 100), (50, 1000), (30, 1000), (1, 1000), (250, 1000), (7, 16), (4, 30)])
-def test_seed_methods_equal_seed(method, n, total):
+def test_compvis_methods_equal_compvis(method, n, total):
     steps = make_ddim_timesteps(method, n, total, verbose=False)
     assert steps.dtype == np.int64
-    np.testing.assert_array_equal(steps, seed_make_ddim_timesteps(method, n, total))
+    np.testing.assert_array_equal(steps, compvis.make_ddim_timesteps(method, n, total))
 
 
-def test_seed_quirks_kept():
+def test_compvis_quirks_kept():
     np.testing.assert_array_equal(make_ddim_timesteps("uniform", 10, 100, verbose=False), np.arange(1, 100, 10))
     assert len(make_ddim_timesteps("uniform", 30, 1000, verbose=False)) == 31  # ceil(1000 / 33)
     quad = make_ddim_timesteps("quad", 50, 1000, verbose=False)
@@ -64,14 +42,14 @@ def test_seed_quirks_kept():
     assert make_ddim_timesteps("quad", 7, 15, verbose=False)[-1] == 12  # float rounding: 0.8·T, not 0.8·T + 1
 
 
-def test_uniform_reaching_t_is_refused_exactly_where_the_seed_fails():
+def test_uniform_reaching_t_is_refused_exactly_where_compvis_fails():
     failing = set()
     for n in range(1, T + 1):
         try:
             steps = make_ddim_timesteps("uniform", n, T, verbose=False)
         except ValueError:
             failing.add(n)
-            assert seed_make_ddim_timesteps("uniform", n, T)[-1] == T  # the seed's later IndexError
+            assert compvis.make_ddim_timesteps("uniform", n, T)[-1] == T  # CompVis' later IndexError
         else:
             assert steps[-1] < T
     assert failing == UNIFORM_FAILS_T1000
@@ -85,24 +63,6 @@ def test_uniform_reaching_t_message_names_working_methods():
         make_ddim_timesteps("quad", 3, 4)  # tiny T: quad reaches T too
     with pytest.raises(ValueError, match=r"Methods that work for these arguments: 'uniform', 'linspace', 'trailing'"):
         make_ddim_timesteps("quad", 2, 4)
-
-
-@pytest.mark.parametrize("total", [1000, 100, 37, 1])
-@pytest.mark.parametrize("spacing", ["linspace", "trailing"])
-def test_linspace_trailing_equal_diffusers(spacing, total):
-    sched = DDIMScheduler(num_train_timesteps=total, timestep_spacing=spacing)
-    diffusers_extra = 0
-    for n in range(1, total + 1):
-        ours = make_ddim_timesteps(spacing, n, total, verbose=False)
-        sched.set_timesteps(n)
-        theirs = np.sort(sched.timesteps.numpy())
-        if len(theirs) == n + 1:  # diffusers' float arange yields an extra step −1 for some (T, n)
-            assert spacing == "trailing" and theirs[0] == -1
-            theirs = theirs[1:]
-            diffusers_extra += 1
-        np.testing.assert_array_equal(ours, theirs, err_msg=f"{spacing} n={n} T={total}")
-    if spacing == "trailing" and total == 100:
-        assert diffusers_extra > 0  # the case exists (T = 100, n = 29)
 
 
 def test_trailing_reaches_last_timestep_and_linspace_the_first():
@@ -123,7 +83,7 @@ def test_property_steps_ascending_in_range(method, total, frac):
         steps = make_ddim_timesteps(method, n, total, verbose=False)
     except ValueError as err:
         assert method in ("uniform", "quad") and "outside the valid timesteps" in str(err)
-        assert seed_make_ddim_timesteps(method, n, total)[-1] >= total
+        assert compvis.make_ddim_timesteps(method, n, total)[-1] >= total
         return
     assert steps.dtype == np.int64
     assert np.all(np.diff(steps) >= 0)
@@ -179,10 +139,10 @@ def test_make_ddim_timesteps_errors(args, exc, match):
 # --- make_ddim_sampling_parameters -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("method", ["uniform", "quad", "linspace", "trailing"])
-def test_sampling_parameters_equal_seed(method, eta):
+def test_sampling_parameters_equal_compvis(method, eta):
     steps = make_ddim_timesteps(method, 50, T, verbose=False)
     ours = make_ddim_sampling_parameters(AC, steps, eta, verbose=False)
-    ref = seed_make_ddim_sampling_parameters(AC, steps, eta)
+    ref = compvis.make_ddim_sampling_parameters(AC, steps, eta)
     for a, b in zip(ours, ref, strict=True):
         assert isinstance(a, np.ndarray) and a.dtype == np.float64
         np.testing.assert_array_equal(a, b)
@@ -204,7 +164,7 @@ def test_sampling_parameters_torch_in_torch_out():
     for dtype in (torch.float32, torch.float64):
         out = make_ddim_sampling_parameters(torch.tensor(AC, dtype=dtype), torch.from_numpy(steps), 1.0, verbose=False)
         ac_in = torch.tensor(AC, dtype=dtype).double().numpy()
-        ref_in = seed_make_ddim_sampling_parameters(ac_in, steps, 1.0)  # float64 maths on the given ā
+        ref_in = compvis.make_ddim_sampling_parameters(ac_in, steps, 1.0)  # float64 maths on the given ā
         for a, b in zip(out, ref_in, strict=True):
             assert isinstance(a, torch.Tensor) and a.dtype == dtype and a.device.type == "cpu"
             np.testing.assert_array_equal(a.numpy(), b.astype(a.numpy().dtype))
@@ -213,31 +173,6 @@ def test_sampling_parameters_torch_in_torch_out():
     out_list = make_ddim_sampling_parameters(AC.tolist(), steps.tolist(), 1.0, verbose=False)
     for a, b in zip(out_list, ref, strict=True):
         np.testing.assert_array_equal(a, b)
-
-
-@pytest.mark.parametrize("eta", [0.3, 1.0])
-@pytest.mark.parametrize(("n", "spacing", "offset"), [(50, "leading", 1), (20, "trailing", 0), (8, "trailing", 0)])
-def test_sigmas_match_diffusers_variance(n, spacing, offset, eta):
-    method = "uniform" if spacing == "leading" else spacing
-    steps = make_ddim_timesteps(method, n, T, verbose=False)
-    sigmas, _, _ = make_ddim_sampling_parameters(AC, steps, eta, verbose=False)
-    sched = DDIMScheduler(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        set_alpha_to_one=False,
-        timestep_spacing=spacing,
-        steps_offset=offset,
-    )
-    sched.set_timesteps(n)
-    np.testing.assert_array_equal(np.sort(sched.timesteps.numpy()), steps)
-    prev = steps - T // n  # diffusers' previous timestep
-    var32 = np.array([float(sched._get_variance(int(t), int(p))) for t, p in zip(steps, prev, strict=True)])
-    np.testing.assert_allclose(sigmas**2, eta**2 * var32, rtol=1e-3, atol=1e-7)  # their ā is float32
-    sched.alphas_cumprod = torch.from_numpy(AC)  # same ā: only the formula differs
-    sched.final_alpha_cumprod = sched.alphas_cumprod[0]
-    var64 = np.array([float(sched._get_variance(int(t), int(p))) for t, p in zip(steps, prev, strict=True)])
-    np.testing.assert_allclose(sigmas**2, eta**2 * var64, rtol=1e-12, atol=1e-18)
 
 
 @settings(max_examples=60, deadline=None)
@@ -362,52 +297,12 @@ def test_ddim_step_errors():
 
 # --- ddim_sample -----------------------------------------------------------------------------------------------------
 def toy_model(x, t):
-    """A deterministic nonlinear 'model' that uses t (as the seed's sampler passes it)."""
+    """A deterministic nonlinear 'model' that uses t (as CompVis' sampler passes it)."""
     return torch.tanh(0.7 * x + (t.to(x.dtype) / 1000.0).view(-1, *([1] * (x.ndim - 1))))
 
 
-PREDICTION = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
-
-
-def diffusers_loop(x_start, ac, n, spacing, offset, param):
-    sched = DDIMScheduler(
-        set_alpha_to_one=False,
-        clip_sample=False,
-        timestep_spacing=spacing,
-        steps_offset=offset,
-        prediction_type=PREDICTION[param],
-    )
-    sched.alphas_cumprod = torch.from_numpy(ac)  # our float64 ā, so only the sampler arithmetic is compared
-    sched.final_alpha_cumprod = sched.alphas_cumprod[0]
-    sched.set_timesteps(n)
-    x = x_start.clone()
-    for t in sched.timesteps:
-        out = toy_model(x, t.repeat(x.shape[0]))
-        x = sched.step(out, int(t), x, eta=0.0).prev_sample
-    return x.float(), np.asarray(sched.timesteps)
-
-
-@pytest.mark.parametrize("param", ["eps", "x0", "v"])
-@pytest.mark.parametrize(("method", "n"), [("uniform", 50), ("uniform", 20), ("trailing", 25)])
-def test_ddim_sample_matches_diffusers_loop(method, n, param):
-    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    seen: list[torch.Tensor] = []
-
-    def model(x, t):
-        seen.append(t.clone())
-        return toy_model(x, t)
-
-    ours = ddim_sample(model, x_T, AC, num_steps=n, method=method, parameterization=param)
-    spacing, offset = ("leading", 1) if method == "uniform" else ("trailing", 0)
-    theirs, their_steps = diffusers_loop(x_T, AC, n, spacing, offset, param)
-    assert [int(t[0]) for t in seen] == their_steps.tolist()
-    assert all(t.dtype == torch.int64 and t.shape == (2,) for t in seen)
-    assert ours.dtype == torch.float32 and torch.isfinite(ours).all()
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=5e-5)
-
-
 def reference_loop(x_start, ac, n, method, eta, param, clip_x0=None, seed=None):
-    """ddim_step driven by make_ddim_sampling_parameters, the seed's DDIMSampler structure."""
+    """ddim_step driven by make_ddim_sampling_parameters, CompVis' DDIMSampler structure."""
     steps = make_ddim_timesteps(method, n, len(ac), verbose=False)
     sigmas, alphas, alphas_prev = make_ddim_sampling_parameters(ac, steps, eta, verbose=False)
     g = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -529,9 +424,9 @@ def test_zero_terminal_snr_trailing_v():
     ac = np.cumprod(1 - rescale_zero_terminal_snr(SD_BETAS))
     x_T = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     out = ddim_sample(toy_model, x_T, ac, num_steps=20, method="trailing", parameterization="v")
-    theirs, _ = diffusers_loop(x_T, ac, 20, "trailing", 0, "v")
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, theirs, rtol=0, atol=5e-5)
+    ref, _, _ = reference_loop(x_T, ac, 20, "trailing", 0.0, "v")
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-5)
     with pytest.raises(ValueError, match=r"parameterization='eps' cannot recover x0 at DDIM step 19 \(timestep 999\)"):
         ddim_sample(toy_model, x_T, ac, num_steps=20, method="trailing", parameterization="eps")
 

@@ -1,3 +1,8 @@
+"""Sinusoidal timestep embedding: bitwise equal to CompVis' formula, golden values, layout, properties, errors.
+
+Parity with diffusers' ``get_timestep_embedding`` lives in test_embedding_diffusers.py.
+"""
+
 import math
 
 import numpy as np
@@ -7,14 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_ldm.embedding import SinusoidalTimestepEmbedding, timestep_embedding
-
-diffusers_embeddings = pytest.importorskip("diffusers.models.embeddings")
-
-
-def reference(t: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
-    return diffusers_embeddings.get_timestep_embedding(
-        t, dim, flip_sin_to_cos=True, downscale_freq_shift=0, max_period=max_period
-    )
+from tests import compvis_reference as compvis
 
 
 def bits(x: torch.Tensor) -> torch.Tensor:
@@ -50,22 +48,39 @@ TIMESTEPS = {
 
 
 @pytest.mark.parametrize("name", list(TIMESTEPS))
-def test_bitwise_equal_to_diffusers(name):
+def test_bitwise_equal_to_compvis(name):
     t = TIMESTEPS[name]
     for dim in DIMS:
+        if dim == 1:
+            continue  # CompVis returns no column there (test_compvis_dim_one_quirk)
         ours = timestep_embedding(t, dim)
-        ref = reference(t, dim)
+        ref = compvis.timestep_embedding(t, dim)
         assert ours.dtype == torch.float32 and ours.shape == (t.shape[0], dim)
         assert torch.equal(bits(ours), bits(ref)), (name, dim)
 
 
 @pytest.mark.parametrize("max_period", [10, 100, 10000, 12345.5])
-def test_bitwise_equal_to_diffusers_other_max_period(max_period):
+def test_bitwise_equal_to_compvis_other_max_period(max_period):
     t = torch.arange(0, 1000, 13)
     for dim in (8, 33, 320):
-        assert torch.equal(bits(timestep_embedding(t, dim, max_period)), bits(reference(t, dim, max_period)))
+        ref = compvis.timestep_embedding(t, dim, max_period)
+        assert torch.equal(bits(timestep_embedding(t, dim, max_period)), bits(ref))
         frac = t.float() + 0.25
-        assert torch.equal(bits(timestep_embedding(frac, dim, max_period)), bits(reference(frac, dim, max_period)))
+        ref = compvis.timestep_embedding(frac, dim, max_period)
+        assert torch.equal(bits(timestep_embedding(frac, dim, max_period)), bits(ref))
+
+
+def test_compvis_dim_one_quirk():
+    t = torch.tensor([0, 5, 999])
+    assert compvis.timestep_embedding(t, 1).shape == (3, 0)  # CompVis pads an empty embedding with an empty column
+    assert torch.equal(timestep_embedding(t, 1), torch.zeros(3, 1))  # the documented shape (B, dim)
+
+
+def test_repeat_only_equals_compvis():
+    for t in (torch.tensor([3, 1, 4], dtype=torch.int32), torch.tensor([0.5, 2.0], dtype=torch.float64)):
+        ref = compvis.timestep_embedding(t, 7, repeat_only=True)
+        out = timestep_embedding(t, 7, repeat_only=True)
+        assert out.dtype == ref.dtype and torch.equal(out, ref)
 
 
 def test_golden_values_from_numpy():
@@ -149,20 +164,20 @@ def test_module_bitwise_equal_to_function():
 @settings(max_examples=40, deadline=None)
 @given(
     t=st.lists(st.floats(-1e4, 1e4, allow_nan=False, width=32), min_size=1, max_size=20),
-    dim=st.integers(1, 70),
+    dim=st.integers(2, 70),
 )
-def test_property_bounded_and_matches_diffusers(t, dim):
+def test_property_bounded_and_matches_compvis(t, dim):
     ts = torch.tensor(t, dtype=torch.float32)
     out = timestep_embedding(ts, dim)
     assert out.abs().max() <= 1.0
-    assert torch.equal(bits(out), bits(reference(ts, dim)))
+    assert torch.equal(bits(out), bits(compvis.timestep_embedding(ts, dim)))
 
 
 @settings(max_examples=30, deadline=None)
-@given(t=st.lists(st.integers(0, 5000), min_size=1, max_size=30), dim=st.integers(1, 70))
-def test_property_integer_timesteps_match_diffusers(t, dim):
+@given(t=st.lists(st.integers(0, 5000), min_size=1, max_size=30), dim=st.integers(2, 70))
+def test_property_integer_timesteps_match_compvis(t, dim):
     ts = torch.tensor(t, dtype=torch.long)
-    assert torch.equal(bits(timestep_embedding(ts, dim)), bits(reference(ts, dim)))
+    assert torch.equal(bits(timestep_embedding(ts, dim)), bits(compvis.timestep_embedding(ts, dim)))
 
 
 @pytest.mark.parametrize(
@@ -196,9 +211,9 @@ def test_module_errors():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_bitwise_equal_to_diffusers():
+def test_cuda_bitwise_equal_to_compvis():
     for t in (torch.arange(1000, device="cuda"), torch.rand(300, device="cuda") * 1000):
         for dim in (7, 320, 1280):
             out = timestep_embedding(t, dim)
             assert out.device == t.device
-            assert torch.equal(bits(out), bits(reference(t, dim)))
+            assert torch.equal(bits(out), bits(compvis.timestep_embedding(t, dim)))

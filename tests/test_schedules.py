@@ -1,4 +1,7 @@
-"""Beta schedules, zero-terminal-SNR rescaling, the CompVis tables and the SNR helpers."""
+"""Beta schedules, zero-terminal-SNR rescaling, the CompVis tables and the SNR helpers.
+
+Parity with diffusers' schedulers lives in test_schedules_diffusers.py.
+"""
 
 from __future__ import annotations
 
@@ -19,29 +22,9 @@ from lightning_ldm.schedules import (
     schedule_tables,
     snr,
 )
+from tests import compvis_reference as compvis
 
-pytest.importorskip("diffusers")
-from diffusers import DDPMScheduler
-from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr as diffusers_rescale
-
-SD = {"linear_start": 0.00085, "linear_end": 0.012}
-
-
-# --- the seed, transcribed (ldm/modules/diffusionmodules/util.py): torch float64, np.clip on the cosine --------------
-def seed_make_beta_schedule(schedule, n, linear_start=1e-4, linear_end=2e-2, cosine_s=8e-3):
-    if schedule == "linear":
-        return (torch.linspace(linear_start**0.5, linear_end**0.5, n, dtype=torch.float64) ** 2).numpy()
-    if schedule == "cosine":
-        timesteps = torch.arange(n + 1, dtype=torch.float64) / n + cosine_s
-        alphas = torch.cos(timesteps / (1 + cosine_s) * np.pi / 2).pow(2)
-        alphas = alphas / alphas[0]
-        return np.clip((1 - alphas[1:] / alphas[:-1]).numpy(), a_min=0, a_max=0.999)
-    if schedule == "squaredcos_cap_v2":
-        f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
-        return np.array([min(1 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)])
-    if schedule == "sqrt_linear":
-        return torch.linspace(linear_start, linear_end, n, dtype=torch.float64).numpy()
-    return (torch.linspace(linear_start, linear_end, n, dtype=torch.float64) ** 0.5).numpy()
+SD = compvis.SD_LINEAR
 
 
 # --- the same schedules from their definitions in plain numpy (independent arithmetic) -------------------------------
@@ -75,12 +58,12 @@ CASES = [
 
 
 @pytest.mark.parametrize(("schedule", "n", "kwargs"), CASES)
-def test_make_beta_schedule_equals_seed(schedule, n, kwargs):
+def test_make_beta_schedule_equals_compvis(schedule, n, kwargs):
     betas = make_beta_schedule(schedule, n, **kwargs)
     assert isinstance(betas, np.ndarray)
     assert betas.dtype == np.float64
     assert betas.shape == (n,)
-    np.testing.assert_array_equal(betas, seed_make_beta_schedule(schedule, n, **kwargs))
+    np.testing.assert_array_equal(betas, compvis.make_beta_schedule(schedule, n, **kwargs))
     np.testing.assert_allclose(betas, numpy_schedule(schedule, n, **kwargs), rtol=1e-11, atol=1e-16)
 
 
@@ -109,42 +92,12 @@ def test_squaredcos_ignores_linear_and_cosine_arguments():
     )
 
 
-# --- diffusers parity (diffusers computes its betas in float32) ------------------------------------------------------
-@pytest.mark.parametrize(
-    ("ours", "theirs", "kwargs"),
-    [
-        ("linear", "scaled_linear", SD),
-        ("linear", "scaled_linear", {}),
-        ("sqrt_linear", "linear", {}),
-        ("sqrt_linear", "linear", SD),
-        ("squaredcos_cap_v2", "squaredcos_cap_v2", {}),
-        ("cosine", "squaredcos_cap_v2", {}),
-    ],
-)
-def test_diffusers_parity(ours, theirs, kwargs):
-    betas = make_beta_schedule(ours, 1000, **kwargs)
-    sched = DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=kwargs.get("linear_start", 1e-4),
-        beta_end=kwargs.get("linear_end", 2e-2),
-        beta_schedule=theirs,
-    )
-    ref = sched.betas.double().numpy()
-    np.testing.assert_allclose(betas, ref, rtol=1e-6, atol=0)  # float32 rounding of the same numbers
-    np.testing.assert_allclose(np.cumprod(1 - betas), sched.alphas_cumprod.double().numpy(), rtol=2e-5, atol=1e-7)
-
-
-def test_rescale_zero_terminal_snr_matches_diffusers():
-    betas = make_beta_schedule("linear", 1000, **SD)
+@pytest.mark.parametrize(("schedule", "kwargs"), [("linear", SD), ("cosine", {}), ("sqrt_linear", {})])
+def test_rescale_zero_terminal_snr_equals_the_paper_algorithm(schedule, kwargs):
+    betas = make_beta_schedule(schedule, 1000, **kwargs)
     ours = rescale_zero_terminal_snr(betas)
-    assert ours.dtype == np.float64
-    theirs = diffusers_rescale(torch.from_numpy(betas.copy())).numpy()  # their algorithm run in float64
-    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-14)
-    sched = DDPMScheduler(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True
-    )
-    # the scheduler runs it in float32: the betas agree to float32 cancellation error (~1e-5 absolute)
-    np.testing.assert_allclose(ours, sched.betas.double().numpy(), rtol=0, atol=2e-5)
+    assert ours.dtype == np.float64 and ours.shape == (1000,)
+    np.testing.assert_allclose(ours, compvis.rescale_zero_terminal_snr(betas), rtol=0, atol=1e-14)
 
 
 def test_rescale_zero_terminal_snr_properties():
@@ -164,41 +117,14 @@ def test_rescale_zero_terminal_snr_properties():
     np.testing.assert_array_equal(rescale_zero_terminal_snr(betas.tolist()), out)
 
 
-# --- schedule_tables: the CompVis register_schedule formulas, transcribed --------------------------------------------
-def compvis_tables(betas, v_posterior=0.0):
-    with np.errstate(all="ignore"):  # the edge cases give inf/nan here; the tests compare only where CompVis is finite
-        return _compvis_tables(betas, v_posterior)
-
-
-def _compvis_tables(betas, v_posterior):
-    alphas = 1.0 - betas
-    ac = np.cumprod(alphas, axis=0)
-    ac_prev = np.append(1.0, ac[:-1])
-    pv = (1 - v_posterior) * betas * (1.0 - ac_prev) / (1.0 - ac) + v_posterior * betas
-    return {
-        "betas": betas,
-        "alphas_cumprod": ac,
-        "alphas_cumprod_prev": ac_prev,
-        "sqrt_alphas_cumprod": np.sqrt(ac),
-        "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - ac),
-        "log_one_minus_alphas_cumprod": np.log(1.0 - ac),
-        "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / ac),
-        "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / ac - 1),
-        "posterior_variance": pv,
-        "posterior_log_variance_clipped": np.log(np.maximum(pv, 1e-20)),
-        "posterior_mean_coef1": betas * np.sqrt(ac_prev) / (1.0 - ac),
-        "posterior_mean_coef2": (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
-        "snr": ac / (1.0 - ac),
-    }
-
-
+# --- schedule_tables: the CompVis register_schedule formulas -----------------------------------------------------
 @pytest.mark.parametrize("v_posterior", [0.0, 0.3])
 @pytest.mark.parametrize(("schedule", "kwargs"), [("linear", SD), ("cosine", {}), ("sqrt_linear", {})])
 def test_schedule_tables_equal_compvis(schedule, kwargs, v_posterior):
     betas = make_beta_schedule(schedule, 1000, **kwargs)
     tables = schedule_tables(betas, v_posterior=v_posterior)
-    ref = compvis_tables(betas, v_posterior)
-    assert tuple(tables) == TABLE_NAMES
+    ref = compvis.register_schedule_tables(betas, v_posterior)
+    assert tuple(tables) == TABLE_NAMES == compvis.TABLE_NAMES
     for name in TABLE_NAMES:
         assert tables[name].dtype == np.float64, name
         assert tables[name].shape == (1000,), name
@@ -209,7 +135,7 @@ def test_schedule_tables_equal_compvis(schedule, kwargs, v_posterior):
 def test_schedule_tables_zero_terminal_snr_finite():
     betas = rescale_zero_terminal_snr(make_beta_schedule("linear", 1000, **SD))
     tables = schedule_tables(betas)
-    ref = compvis_tables(betas)
+    ref = compvis.register_schedule_tables(betas)
     for name, table in tables.items():
         assert np.isfinite(table).all(), name
         np.testing.assert_array_equal(table[:-1], ref[name][:-1], err_msg=name)  # unchanged before the last step
@@ -241,7 +167,7 @@ def test_schedule_tables_leading_zero_beta_limits():
     assert tables["posterior_mean_coef2"][0] == 0.0
     assert tables["log_one_minus_alphas_cumprod"][0] == pytest.approx(math.log(1e-20))
     assert tables["snr"][0] == pytest.approx(1e20)
-    ref = compvis_tables(betas)
+    ref = compvis.register_schedule_tables(betas)
     for name in TABLE_NAMES:
         np.testing.assert_array_equal(tables[name][1:], ref[name][1:], err_msg=name)
 
