@@ -8,7 +8,7 @@ import pytest
 import torch
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_ldm.callbacks import AlphaBlenderMonitor, GradientCheckpointing, ScheduleCallback
+from lightning_ldm.callbacks import AlphaBlenderMonitor, GradientCheckpointing, ScheduleCallback, TimestepLossMonitor
 from lightning_ldm.timestep_samplers import LogitNormalSampler
 from tests.lightning_helpers import TinyDataModule, TinyDenoiser
 
@@ -25,8 +25,12 @@ trainer:
   callbacks:
     - class_path: lightning_ldm.callbacks.ScheduleCallback
       init_args:
-        sampler: logit_normal
-        logit_normal_mean: 0.5
+        sampler:
+          class_path: lightning_ldm.timestep_samplers.LogitNormalSampler
+          init_args:
+            mean: 0.5
+    - class_path: lightning_ldm.callbacks.TimestepLossMonitor
+      init_args:
         num_buckets: 5
     - class_path: lightning_ldm.callbacks.GradientCheckpointing
       init_args:
@@ -41,6 +45,14 @@ model:
   beta_schedule: cosine
   parameterization: v
 """
+
+
+SAMPLER_BLOCK = """sampler:
+          class_path: lightning_ldm.timestep_samplers.LogitNormalSampler
+          init_args:
+            mean: 0.5
+"""
+assert SAMPLER_BLOCK in CONFIG
 
 
 def _write(tmp_path: Path, text: str) -> str:
@@ -59,7 +71,8 @@ def test_cli_builds_model_and_callbacks(tmp_path: Path) -> None:
     schedule = callbacks[ScheduleCallback]
     assert isinstance(schedule, ScheduleCallback)
     assert isinstance(schedule.sampler, LogitNormalSampler) and schedule.sampler.mean == 0.5
-    assert schedule.num_buckets == 5 and schedule.seed is None
+    assert schedule.seed is None
+    assert callbacks[TimestepLossMonitor].num_buckets == 5  # type: ignore[attr-defined]
     assert callbacks[GradientCheckpointing].modules == ("net.block",)  # type: ignore[attr-defined]
     assert callbacks[AlphaBlenderMonitor].logging_interval == "epoch"  # type: ignore[attr-defined]
 
@@ -83,7 +96,7 @@ def test_cli_fit_runs_with_the_callbacks(tmp_path: Path) -> None:
     ("old", "new", "match"),
     [
         ("num_buckets: 5", "num_buckets: 0", "num_buckets=0 is out of range"),
-        ("logit_normal_mean: 0.5", "logit_normal_std: -1.0", "logit_normal_std=-1 is out of range"),
+        ("mean: 0.5", "std: -1.0", "std=-1 is out of range"),
         ("modules: [net.block]", "modules: []", "modules is empty"),
     ],
 )
@@ -99,7 +112,7 @@ def test_cli_refuses_unknown_sampler_name(tmp_path: Path, capsys: pytest.Capture
         LightningCLI(
             TinyDenoiser,
             TinyDataModule,
-            args=["--config", _write(tmp_path, CONFIG.replace("logit_normal\n", "bogus\n"))],
+            args=["--config", _write(tmp_path, CONFIG.replace(SAMPLER_BLOCK, "sampler: bogus\n"))],
             run=False,
         )
     assert "sampler" in capsys.readouterr().err
