@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from lightning_ldm.callbacks import AlphaBlenderMonitor, GradientCheckpointing, ScheduleCallback
+from lightning_ldm.callbacks import AlphaBlenderMonitor, GradientCheckpointing, ScheduleCallback, TimestepLossMonitor
 from lightning_ldm.callbacks.schedule import DEFAULT_SEED, derive_seed
 from lightning_ldm.mixin import DiffusionMixin
 from lightning_ldm.timestep_samplers import LogitNormalSampler, LossAwareSampler, UniformSampler
@@ -36,14 +36,27 @@ def _linear_log_snr(n_steps: int, start: float = 1e-4, end: float = 2e-2) -> np.
         ({"seed": -1}, ValueError, "seed=-1 is out of range"),
         ({"seed": 1.5}, TypeError, "seed must be an integer"),
         ({"sampler": "bogus"}, ValueError, "sampler='bogus' is not supported; expected one of 'uniform', 'loss_aware'"),
-        ({"sampler": 3}, TypeError, "sampler must be one of 'uniform', 'loss_aware', 'logit_normal' or a Timestep"),
-        ({"num_buckets": 0}, ValueError, "num_buckets=0 is out of range"),
-        ({"log_snr_curve": "yes"}, TypeError, "log_snr_curve must be a bool"),
-        ({"logit_normal_std": 0.0}, ValueError, "logit_normal_std=0 is out of range"),
-        ({"logit_normal_mean": float("inf")}, ValueError, "logit_normal_mean=inf must be finite"),
-        ({"loss_aware_history": 0}, ValueError, "loss_aware_history=0 is out of range"),
-        ({"loss_aware_uniform_prob": 2.0}, ValueError, "loss_aware_uniform_prob=2 is out of range"),
-        ({"log_every_n_steps": 0}, ValueError, "log_every_n_steps=0 is out of range"),
+        (
+            {"sampler": 3},
+            TypeError,
+            r"sampler must be one of 'uniform', 'loss_aware', 'logit_normal' or a TimestepSampler instance, got 3 of "
+            r"type int \(the seed is the second argument: pass seed=...\)",
+        ),
+        ({"sampler": None}, TypeError, "sampler must be one of .* got None of type NoneType$"),
+        ({"num_buckets": 5}, TypeError, r"ScheduleCallback\(num_buckets=...\) moved to TimestepLossMonitor\(num_bu"),
+        ({"log_every_n_steps": 5}, TypeError, r"moved to TimestepLossMonitor\(log_every_n_steps=...\); add lightn"),
+        ({"log_snr_curve": False}, TypeError, r"log_snr_curve=...\) moved to TimestepLossMonitor\(log_schedule="),
+        ({"bogus": 1}, TypeError, "ScheduleCallback got an unexpected keyword argument 'bogus'"),
+        (
+            {"sampler": LossAwareSampler(), "loss_aware_history": 2},
+            TypeError,
+            r"loss_aware_history cannot be combined with a sampler instance \(LossAwareSampler\(",
+        ),
+        (
+            {"sampler": "uniform", "logit_normal_std": 2.0},
+            ValueError,
+            "logit_normal_std applies to sampler='logit_normal' only, got sampler='uniform'",
+        ),
     ],
 )
 def test_schedule_callback_bad_arguments(kwargs: dict, error: type, match: str) -> None:
@@ -51,14 +64,31 @@ def test_schedule_callback_bad_arguments(kwargs: dict, error: type, match: str) 
         ScheduleCallback(**kwargs)
 
 
-def test_schedule_callback_builds_samplers() -> None:
+def test_schedule_callback_builds_default_samplers_from_names() -> None:
     assert isinstance(ScheduleCallback().sampler, UniformSampler)
-    aware = ScheduleCallback(sampler="loss_aware", loss_aware_history=3, loss_aware_uniform_prob=0.2).sampler
+    aware = ScheduleCallback("loss_aware").sampler
+    assert isinstance(aware, LossAwareSampler) and (aware.history_per_term, aware.uniform_prob) == (10, 0.001)
+    normal = ScheduleCallback(sampler="logit_normal").sampler
+    assert isinstance(normal, LogitNormalSampler) and (normal.mean, normal.std) == (0.0, 1.0)
+    mine = LogitNormalSampler(mean=0.5)
+    cb = ScheduleCallback(mine, 7)
+    assert cb.sampler is mine and cb.seed == 7
+
+
+def test_schedule_callback_deprecated_sampler_options_still_build_the_sampler() -> None:
+    with pytest.warns(
+        DeprecationWarning,
+        match=r"ScheduleCallback\(loss_aware_history=..., loss_aware_uniform_prob=...\) is deprecated; pass "
+        r"sampler=LossAwareSampler\(history_per_term=3, uniform_prob=0.2\) instead",
+    ):
+        aware = ScheduleCallback(sampler="loss_aware", loss_aware_history=3, loss_aware_uniform_prob=0.2).sampler
     assert isinstance(aware, LossAwareSampler) and (aware.history_per_term, aware.uniform_prob) == (3, 0.2)
-    normal = ScheduleCallback(sampler="logit_normal", logit_normal_mean=0.5, logit_normal_std=2.0).sampler
+    with pytest.warns(DeprecationWarning, match=r"pass sampler=LogitNormalSampler\(mean=0.5, std=2.0\) instead"):
+        normal = ScheduleCallback(sampler="logit_normal", logit_normal_mean=0.5, logit_normal_std=2.0).sampler
     assert isinstance(normal, LogitNormalSampler) and (normal.mean, normal.std) == (0.5, 2.0)
-    mine = LogitNormalSampler()
-    assert ScheduleCallback(sampler=mine).sampler is mine
+    # validated once, by the sampler, after the deprecation warning
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="std=0 is out of range"):
+        ScheduleCallback(sampler="logit_normal", logit_normal_std=0.0)
 
 
 class _Plain(L.LightningModule):
@@ -77,45 +107,21 @@ class _NoSchedule(DiffusionMixin, _Plain):
     pass
 
 
-def test_refuses_a_module_without_the_mixin() -> None:
-    with pytest.raises(TypeError, match=r"needs a LightningModule that mixes in DiffusionMixin.*got _Plain"):
-        make_trainer(callbacks=[ScheduleCallback()]).fit(_Plain(), make_loader())
+@pytest.mark.parametrize("callback", [ScheduleCallback, TimestepLossMonitor])
+def test_refuses_a_module_without_the_mixin(callback: type) -> None:
+    with pytest.raises(
+        TypeError, match=rf"{callback.__name__} needs a LightningModule that mixes in DiffusionMixin.*got _Plain"
+    ):
+        make_trainer(callbacks=[callback()]).fit(_Plain(), make_loader())
 
 
-def test_refuses_a_module_without_a_schedule() -> None:
-    with pytest.raises(RuntimeError, match=r"_NoSchedule has no noise schedule; call self.register_schedule"):
-        make_trainer(callbacks=[ScheduleCallback()]).fit(_NoSchedule(), make_loader())
-
-
-def test_refuses_more_buckets_than_timesteps() -> None:
-    with pytest.raises(ValueError, match=r"num_buckets=50 is larger than the schedule's 20 timesteps"):
-        make_trainer(callbacks=[ScheduleCallback(num_buckets=50)]).fit(TinyDenoiser(timesteps=T), make_loader())
-
-
-class _CastTables(TinyDenoiser):
-    def setup(self, stage: str) -> None:  # what a strategy that casts every buffer would do
-        for name, buffer in list(self._buffers.items()):
-            if buffer is not None and buffer.is_floating_point():
-                self._buffers[name] = buffer.bfloat16()
-
-
-def test_a_strategy_that_casts_every_buffer_cannot_reach_the_tables() -> None:
-    model = _CastTables()
-    make_trainer(callbacks=[ScheduleCallback()]).fit(model, make_loader())
-    assert model.sqrt_one_minus_alphas_cumprod.dtype == torch.float32
-    assert float(model.sqrt_one_minus_alphas_cumprod[0]) > 0.0  # a bf16 table would round √(1 − ā_0) to 0
-
-
-def test_refuses_fsdp_that_casts_buffers() -> None:
-    from lightning.pytorch.strategies import FSDPStrategy
-    from torch.distributed.fsdp import MixedPrecision
-
-    mp = MixedPrecision(param_dtype=torch.bfloat16, buffer_dtype=torch.bfloat16)
-    trainer = SimpleNamespace(strategy=FSDPStrategy(mixed_precision=mp))
-    with pytest.raises(ValueError, match=r"FSDP mixed precision casts buffers to torch.bfloat16.*buffer_dtype="):
-        ScheduleCallback().setup(trainer, TinyDenoiser(), "fit")  # type: ignore[arg-type]
-    ok = SimpleNamespace(strategy=FSDPStrategy(mixed_precision=MixedPrecision(param_dtype=torch.bfloat16)))
-    ScheduleCallback().setup(ok, TinyDenoiser(), "fit")  # type: ignore[arg-type]
+@pytest.mark.parametrize("callback", [ScheduleCallback, TimestepLossMonitor])
+def test_refuses_a_module_without_a_schedule(callback: type) -> None:
+    with pytest.raises(
+        RuntimeError,
+        match=rf"_NoSchedule has no noise schedule; call self.register_schedule.* fitting with {callback.__name__}$",
+    ):
+        make_trainer(callbacks=[callback()]).fit(_NoSchedule(), make_loader())
 
 
 class _Snoop(TinyDenoiser):
@@ -195,7 +201,7 @@ def test_validation_draws_repeat_every_epoch_and_tables_stay_float32_under_bf16_
 
 def test_loss_aware_sampler_is_fed_every_batch() -> None:
     model = TinyDenoiser(timesteps=T)
-    cb = ScheduleCallback(seed=0, sampler="loss_aware", loss_aware_history=2)
+    cb = ScheduleCallback(LossAwareSampler(history_per_term=2), seed=0)
     make_trainer(max_steps=8, callbacks=[cb]).fit(model, make_loader())
     reference = LossAwareSampler(history_per_term=2)
     reference.prepare(T)
@@ -207,65 +213,19 @@ def test_loss_aware_sampler_is_fed_every_batch() -> None:
     assert int(state["loss_counts"].sum()) > 0
 
 
-def _bucket_means(recorded: list[tuple[Tensor, Tensor]], n_steps: int, n: int) -> dict[str, float]:
-    t = torch.cat([r[0] for r in recorded]).numpy()
-    loss = torch.cat([r[1] for r in recorded]).double().numpy()
-    width = len(str(n_steps - 1))
-    out = {}
-    for b in range(n):
-        lo, hi = math.ceil(b * n_steps / n), math.ceil((b + 1) * n_steps / n) - 1
-        sel = (t >= lo) & (t <= hi)
-        if sel.any():
-            out[f"loss_bucket/{lo:0{width}d}-{hi:0{width}d}"] = float(loss[sel].mean())
-    return out
-
-
-def test_loss_by_bucket_logged_per_epoch() -> None:
-    model = TinyDenoiser(timesteps=T)
-    trainer = make_trainer(max_epochs=1, max_steps=-1, callbacks=[ScheduleCallback(seed=0, num_buckets=3)])
-    trainer.fit(model, make_loader())
-    expected = _bucket_means(model.recorded, T, 3)
-    assert sorted(expected) == ["loss_bucket/00-06", "loss_bucket/07-13", "loss_bucket/14-19"]
-    for name, value in expected.items():
-        assert float(trainer.callback_metrics[name]) == pytest.approx(value, rel=1e-6)
-
-
-def test_loss_by_bucket_logged_every_n_steps_and_snr_curve() -> None:
-    logger = RecordingLogger()
-    model = TinyDenoiser(timesteps=T)
-    trainer = make_trainer(max_steps=4, logger=logger, callbacks=[ScheduleCallback(seed=0, log_every_n_steps=2)])
-    trainer.fit(model, make_loader())
-    curve = logger.series("schedule/log_snr")
-    assert [step for step, _ in curve] == list(range(T))
-    np.testing.assert_allclose([v for _, v in curve], _linear_log_snr(T), rtol=1e-6, atol=1e-6)
-    windows = [(step, m) for m, step in logger.records if any(k.startswith("loss_bucket/") for k in m)]
-    assert [step for step, _ in windows] == [2, 4]
-    for (_, logged), batches in zip(windows, (model.recorded[0:2], model.recorded[2:4]), strict=True):
-        expected = _bucket_means(batches, T, 10)
-        assert sorted(logged) == sorted(expected)
-        for name, value in expected.items():
-            assert logged[name] == pytest.approx(value, rel=1e-6)
-
-
-def test_no_snr_curve_when_disabled() -> None:
-    logger = RecordingLogger()
-    cb = ScheduleCallback(log_snr_curve=False)
-    make_trainer(max_steps=1, logger=logger, callbacks=[cb]).fit(TinyDenoiser(timesteps=T), make_loader())
-    assert logger.series("schedule/log_snr") == []
-    assert cb.log_snr is not None and cb.log_snr.shape == (T,)
-
-
 def test_state_dict_round_trip_and_seed_adoption() -> None:
-    cb = ScheduleCallback(seed=4, sampler="loss_aware", loss_aware_history=1)
+    cb = ScheduleCallback(LossAwareSampler(history_per_term=1), seed=4)
     make_trainer(max_steps=3, callbacks=[cb]).fit(TinyDenoiser(timesteps=T), make_loader())
     state = cb.state_dict()
+    assert sorted(state) == ["batch_counter", "sampler", "sampler_type", "seed"]
     assert state["batch_counter"] == 3 and state["seed"] == 4 and state["sampler_type"] == "LossAwareSampler"
-    fresh = ScheduleCallback(sampler="loss_aware", loss_aware_history=1)  # seed=None adopts the saved seed
+    assert int(state["sampler"]["loss_counts"].sum()) > 0
+    fresh = ScheduleCallback(LossAwareSampler(history_per_term=1))  # seed=None adopts the saved seed
     fresh.load_state_dict(state)
     assert fresh.batch_counter == 3 and fresh.resolved_seed == 4
     assert torch.equal(fresh.sampler.state_dict()["loss_history"], state["sampler"]["loss_history"])
     with pytest.warns(UserWarning, match=r"ScheduleCallback\(seed=9\) resumes a run that used seed 4"):
-        ScheduleCallback(seed=9, sampler="loss_aware", loss_aware_history=1).load_state_dict(state)
+        ScheduleCallback(LossAwareSampler(history_per_term=1), seed=9).load_state_dict(state)
     with pytest.warns(UserWarning, match="timestep sampler was LossAwareSampler, this run uses UniformSampler"):
         ScheduleCallback(seed=4).load_state_dict(state)
     with pytest.raises(KeyError, match="has no 'batch_counter'"):
@@ -570,7 +530,7 @@ def test_alpha_blender_monitor_epoch_interval_and_no_blender_warning() -> None:
 
 
 def test_gather_of_uneven_rank_losses_keeps_rank_order() -> None:
-    from lightning_ldm.callbacks.schedule import _gather_ranked
+    from lightning_ldm.callbacks._diffusion import gather_ranked
 
     other = [torch.tensor([3]), torch.tensor([7, 8, 9]), torch.tensor([0.7, 0.8, 0.9])]  # what "rank 1" sends
 
@@ -579,26 +539,6 @@ def test_gather_of_uneven_rank_losses_keeps_rank_order() -> None:
             return torch.stack([x, other.pop(0).to(x.dtype)])
 
     trainer = SimpleNamespace(world_size=2, strategy=_TwoRanks())
-    t, losses = _gather_ranked(trainer, torch.tensor([1, 2]), torch.tensor([0.1, 0.2]))  # type: ignore[arg-type]
+    t, losses = gather_ranked(trainer, torch.tensor([1, 2]), torch.tensor([0.1, 0.2]))  # type: ignore[arg-type]
     assert t.tolist() == [1, 2, 7, 8, 9]
     assert losses.tolist() == pytest.approx([0.1, 0.2, 0.7, 0.8, 0.9])
-
-
-def test_snr_curve_goes_to_a_file_of_its_own_with_a_csv_logger(tmp_path) -> None:
-    import csv
-
-    from lightning.pytorch.loggers import CSVLogger
-
-    logger = CSVLogger(tmp_path, name="run", version=0)
-    cb = ScheduleCallback(seed=0)
-    trainer = make_trainer(max_steps=4, logger=logger, log_every_n_steps=1, callbacks=[cb])
-    trainer.fit(TinyDenoiser(timesteps=T), make_loader())
-    with open(tmp_path / "run" / "version_0" / "log_snr.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [int(r["t"]) for r in rows] == list(range(T))
-    written = [float(r["log_snr"]) for r in rows]
-    assert cb.log_snr is not None and written == cb.log_snr.tolist()  # float64, exact round trip
-    np.testing.assert_allclose(written, _linear_log_snr(T), rtol=1e-6, atol=1e-6)
-    with open(tmp_path / "run" / "version_0" / "metrics.csv") as f:
-        header = f.readline()
-    assert "schedule/log_snr" not in header  # the training-step table holds training steps only

@@ -9,7 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_ldm.callbacks import AlphaBlenderMonitor, GradientCheckpointing, ScheduleCallback
+from lightning_ldm.callbacks import AlphaBlenderMonitor, GradientCheckpointing, ScheduleCallback, TimestepLossMonitor
 from lightning_ldm.timestep_samplers import LogitNormalSampler
 from tests.lightning_helpers import TRAINER_DEFAULTS, TinyDataModule, TinyDenoiser
 
@@ -20,8 +20,12 @@ trainer:
   callbacks:
     - class_path: lightning_ldm.callbacks.ScheduleCallback
       init_args:
-        sampler: logit_normal
-        logit_normal_mean: 0.5
+        sampler:
+          class_path: lightning_ldm.timestep_samplers.LogitNormalSampler
+          init_args:
+            mean: 0.5
+    - class_path: lightning_ldm.callbacks.TimestepLossMonitor
+      init_args:
         num_buckets: 5
     - class_path: lightning_ldm.callbacks.GradientCheckpointing
       init_args:
@@ -36,6 +40,14 @@ model:
   beta_schedule: cosine
   parameterization: v
 """
+
+
+SAMPLER_BLOCK = """sampler:
+          class_path: lightning_ldm.timestep_samplers.LogitNormalSampler
+          init_args:
+            mean: 0.5
+"""
+assert SAMPLER_BLOCK in CONFIG
 
 
 def _write(tmp_path: Path, text: str) -> str:
@@ -60,7 +72,8 @@ def test_cli_builds_model_and_callbacks(tmp_path: Path) -> None:
     schedule = callbacks[ScheduleCallback]
     assert isinstance(schedule, ScheduleCallback)
     assert isinstance(schedule.sampler, LogitNormalSampler) and schedule.sampler.mean == 0.5
-    assert schedule.num_buckets == 5 and schedule.seed is None
+    assert schedule.seed is None
+    assert callbacks[TimestepLossMonitor].num_buckets == 5  # type: ignore[attr-defined]
     assert callbacks[GradientCheckpointing].modules == ("net.block",)  # type: ignore[attr-defined]
     assert callbacks[AlphaBlenderMonitor].logging_interval == "epoch"  # type: ignore[attr-defined]
 
@@ -82,7 +95,7 @@ def test_cli_fit_runs_with_the_callbacks(tmp_path: Path) -> None:
     ("old", "new", "match"),
     [
         ("num_buckets: 5", "num_buckets: 0", "num_buckets=0 is out of range"),
-        ("logit_normal_mean: 0.5", "logit_normal_std: -1.0", "logit_normal_std=-1 is out of range"),
+        ("mean: 0.5", "std: -1.0", "std=-1 is out of range"),
         ("modules: [net.block]", "modules: []", "modules is empty"),
     ],
 )
@@ -93,5 +106,5 @@ def test_cli_refuses_bad_callback_config(tmp_path: Path, old: str, new: str, mat
 
 def test_cli_refuses_unknown_sampler_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        _cli(["--config", _write(tmp_path, CONFIG.replace("logit_normal\n", "bogus\n"))], run=False)
+        _cli(["--config", _write(tmp_path, CONFIG.replace(SAMPLER_BLOCK, "sampler: bogus\n"))], run=False)
     assert "sampler" in capsys.readouterr().err

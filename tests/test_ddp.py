@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_ldm.callbacks import ScheduleCallback
+from lightning_ldm.callbacks import ScheduleCallback, TimestepLossMonitor
 from lightning_ldm.callbacks.schedule import derive_seed
 from lightning_ldm.timestep_samplers import LossAwareSampler, UniformSampler
 from tests.lightning_helpers import RankRecorder, make_loader, make_trainer
@@ -20,9 +20,9 @@ SEED = 5
 @pytest.mark.slow
 def test_two_process_ddp(tmp_path: Path) -> None:
     model = RankRecorder(str(tmp_path), timesteps=T)
-    cb = ScheduleCallback(seed=SEED, sampler="loss_aware", loss_aware_history=1, num_buckets=4)
+    cbs = [ScheduleCallback(LossAwareSampler(history_per_term=1), seed=SEED), TimestepLossMonitor(num_buckets=4)]
     trainer = make_trainer(
-        strategy="ddp_spawn", devices=2, max_epochs=1, max_steps=-1, callbacks=[cb], use_distributed_sampler=True
+        strategy="ddp_spawn", devices=2, max_epochs=1, max_steps=-1, callbacks=cbs, use_distributed_sampler=True
     )
     trainer.fit(model, make_loader(n=32, batch_size=4))  # 16 samples per rank: 4 steps of 4
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]

@@ -11,8 +11,9 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_ldm.callbacks import ScheduleCallback
-from tests.lightning_helpers import TinyDenoiser, make_loader, make_trainer
+from lightning_ldm.callbacks import ScheduleCallback, TimestepLossMonitor
+from lightning_ldm.timestep_samplers import LossAwareSampler
+from tests.lightning_helpers import RecordingLogger, TinyDenoiser, make_loader, make_trainer
 
 N = 8  # total optimizer steps; 4 batches per epoch
 
@@ -28,9 +29,10 @@ class _CrashAt(Callback):
             raise RuntimeError(f"simulated crash at step {self.step}")
 
 
-def _schedule_cb() -> ScheduleCallback:
-    # loss-aware with a short history: warmed up within the first steps, so its state matters after the resume
-    return ScheduleCallback(seed=21, sampler="loss_aware", loss_aware_history=1, log_every_n_steps=3)
+def _schedule_cbs() -> tuple[ScheduleCallback, TimestepLossMonitor]:
+    # loss-aware with a short history: warmed up within the first steps, so its state matters after the resume;
+    # bucket windows of 3 steps: the window open at the crash is in the checkpoint
+    return ScheduleCallback(LossAwareSampler(history_per_term=1), seed=21), TimestepLossMonitor(log_every_n_steps=3)
 
 
 def _fit(loader: DataLoader, callbacks: list[Callback], ckpt_path: str | None = None, **kwargs: Any) -> TinyDenoiser:
@@ -40,17 +42,33 @@ def _fit(loader: DataLoader, callbacks: list[Callback], ckpt_path: str | None = 
     return model
 
 
-def _crash_and_resume(tmp_path: Path, loader: DataLoader, k: int) -> tuple[TinyDenoiser, ScheduleCallback]:
+Callbacks = tuple[ScheduleCallback, TimestepLossMonitor]
+
+
+def _crash_and_resume(tmp_path: Path, loader: DataLoader, k: int) -> tuple[TinyDenoiser, Callbacks, RecordingLogger]:
     ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=k, save_top_k=-1, filename="{step}")
     with pytest.raises(RuntimeError, match=f"simulated crash at step {k}"):
-        _fit(loader, [_schedule_cb(), ckpt, _CrashAt(k)], enable_checkpointing=True)
+        _fit(loader, [*_schedule_cbs(), ckpt, _CrashAt(k)], enable_checkpointing=True)
     path = tmp_path / f"step={k}.ckpt"
     assert path.exists()
-    cb = _schedule_cb()
-    return _fit(loader, [cb], ckpt_path=str(path)), cb
+    cbs, logger = _schedule_cbs(), RecordingLogger()
+    return _fit(loader, [*cbs], ckpt_path=str(path), logger=logger), cbs, logger
 
 
-def _compare(a: TinyDenoiser, cb_a: ScheduleCallback, b: TinyDenoiser, cb_b: ScheduleCallback, k: int) -> float:
+def _windows(logger: RecordingLogger) -> dict[int | None, dict[str, float]]:
+    return {step: m for m, step in logger.records if any(name.startswith("loss_bucket/") for name in m)}
+
+
+def _compare_windows(a: RecordingLogger, b: RecordingLogger, k: int) -> None:
+    """The resumed run logs the windows after step k with the values of the uninterrupted run (bit for bit)."""
+    windows_a, windows_b = _windows(a), _windows(b)
+    assert sorted(windows_a) == [3, 6]
+    assert sorted(windows_b) == [step for step in (3, 6) if step > k]
+    for step, logged in windows_b.items():
+        assert logged == windows_a[step], step
+
+
+def _compare(a: TinyDenoiser, cbs_a: Callbacks, b: TinyDenoiser, cbs_b: Callbacks, k: int) -> float:
     diff = max(
         float((p.detach() - q.detach()).abs().max()) for p, q in zip(a.parameters(), b.parameters(), strict=True)
     )
@@ -59,23 +77,28 @@ def _compare(a: TinyDenoiser, cb_a: ScheduleCallback, b: TinyDenoiser, cb_b: Sch
     assert len(b.recorded) == N - k
     for (ta, la), (tb, lb) in zip(a.recorded[k:], b.recorded, strict=True):
         assert torch.equal(ta, tb) and torch.equal(la, lb)
-    sa, sb = cb_a.state_dict(), cb_b.state_dict()
+    sa, sb = cbs_a[0].state_dict(), cbs_b[0].state_dict()
     assert sa["batch_counter"] == sb["batch_counter"] == N
     assert sa["seed"] == sb["seed"] == 21
     assert torch.equal(sa["sampler"]["loss_history"], sb["sampler"]["loss_history"])
     assert torch.equal(sa["sampler"]["loss_counts"], sb["sampler"]["loss_counts"])
-    assert torch.equal(sa["bucket_loss"]["loss_sum"], sb["bucket_loss"]["loss_sum"])
-    assert torch.equal(sa["bucket_loss"]["count"], sb["bucket_loss"]["count"])
+    ma, mb = cbs_a[1].state_dict(), cbs_b[1].state_dict()
+    assert ma["last_log_step"] == mb["last_log_step"] == 6
+    # the window open at the end (steps 7 and 8) holds the same sums: the resumed run restored the saved window
+    assert int(ma["bucket_loss"]["count"].sum()) == 2 * 8
+    assert torch.equal(ma["bucket_loss"]["loss_sum"], mb["bucket_loss"]["loss_sum"])
+    assert torch.equal(ma["bucket_loss"]["count"], mb["bucket_loss"]["count"])
     return diff
 
 
 def test_crash_and_resume_at_epoch_end_is_exact(tmp_path: Path) -> None:
     loader = make_loader()  # 32 samples, batch 8: 4 batches per epoch, fixed order
-    cb_a = _schedule_cb()
-    uninterrupted = _fit(loader, [cb_a])
-    resumed, cb_b = _crash_and_resume(tmp_path, loader, k=4)
-    assert cb_b.sampler.warmed_up  # type: ignore[attr-defined]
-    diff = _compare(uninterrupted, cb_a, resumed, cb_b, k=4)
+    cbs_a, log_a = _schedule_cbs(), RecordingLogger()
+    uninterrupted = _fit(loader, [*cbs_a], logger=log_a)
+    resumed, cbs_b, log_b = _crash_and_resume(tmp_path, loader, k=4)
+    _compare_windows(log_a, log_b, k=4)  # the window of steps 4-6 spans the crash
+    assert cbs_b[0].sampler.warmed_up  # type: ignore[attr-defined]
+    diff = _compare(uninterrupted, cbs_a, resumed, cbs_b, k=4)
     print(f"resume at step 4 (epoch end): max |weight diff| = {diff}")
 
 
@@ -84,10 +107,11 @@ def test_crash_and_resume_mid_epoch_is_exact_for_the_callback_state(tmp_path: Pa
     # data cannot differ, so the comparison isolates what the callback controls (t, noise, sampler, bucket window).
     rows = torch.randn(1, 8, generator=torch.Generator().manual_seed(0)).repeat(32, 1)
     loader = DataLoader(TensorDataset(rows), batch_size=8, shuffle=False)
-    cb_a = _schedule_cb()
-    uninterrupted = _fit(loader, [cb_a])
-    resumed, cb_b = _crash_and_resume(tmp_path, loader, k=2)
-    diff = _compare(uninterrupted, cb_a, resumed, cb_b, k=2)
+    cbs_a, log_a = _schedule_cbs(), RecordingLogger()
+    uninterrupted = _fit(loader, [*cbs_a], logger=log_a)
+    resumed, cbs_b, log_b = _crash_and_resume(tmp_path, loader, k=2)
+    _compare_windows(log_a, log_b, k=2)  # the window of steps 1-3 spans the crash
+    diff = _compare(uninterrupted, cbs_a, resumed, cbs_b, k=2)
     print(f"resume at step 2 (mid-epoch): max |weight diff| = {diff}")
 
 

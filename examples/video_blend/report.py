@@ -244,7 +244,7 @@ def plot_training(
     """Write the four-panel training figure.
 
     Panels: training loss against step (smoothed) for every model; the training loss by timestep bucket as logged
-    by ``ScheduleCallback`` (last value of each bucket); the validation loss at the fixed timestep grid; each learned
+    by ``TimestepLossMonitor`` (last value of each bucket); the validation loss at the fixed timestep grid; each learned
     blender's α over training as logged by ``AlphaBlenderMonitor``.
 
     Args:

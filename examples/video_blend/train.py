@@ -11,8 +11,8 @@ Every setting is a LightningCLI option and can be overridden on the command line
 What happens:
 
 1. LightningCLI builds the :class:`~examples.video_blend.model.VideoDenoiser` (blenders learned), the data module
-   and a Trainer with the callbacks of the config (``ScheduleCallback``, ``AlphaBlenderMonitor``,
-   ``EMAWeightAveraging``, optionally ``GradientCheckpointing``); ``trainer.fit`` trains it.
+   and a Trainer with the callbacks of the config (``ScheduleCallback``, ``TimestepLossMonitor``,
+   ``AlphaBlenderMonitor``, ``EMAWeightAveraging``, optionally ``GradientCheckpointing``); ``trainer.fit`` trains it.
 2. The same configuration with ``model.spatial_only=true`` (every blender fixed at α = 1) is built and trained with
    the same seed, data and number of steps.
 3. Both (with their EMA weights) are evaluated on the video-only validation clips at a fixed timestep grid with fixed
