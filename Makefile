@@ -13,7 +13,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lightning_ldm-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint example bench clean
+# test-oldest / test-newest prove both ends of the declared version range, each in a fresh virtual environment:
+# the floors pinned in constraints/oldest.txt, and the newest releases pip finds. Both run the test suite only.
+OLDEST_VENV ?= .venv-oldest
+NEWEST_VENV ?= .venv-newest
+KEY_PACKAGES := '^(torch|lightning|einops|numpy|torchmetrics|diffusers|jsonargparse|pytest|hypothesis)=='
+
+.PHONY: setup test lint example bench clean test-oldest test-newest
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,5 +47,21 @@ example: setup
 bench: setup
 	$(PY) -m benchmarks.run $(ARGS)
 
+test-oldest:
+	rm -rf $(OLDEST_VENV)
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(OLDEST_VENV)/bin/python -m pip install --quiet -c constraints/oldest.txt -e ".[test]"
+	@$(OLDEST_VENV)/bin/python -m pip freeze | grep -iE $(KEY_PACKAGES)
+	$(OLDEST_VENV)/bin/python -m pytest -q -n 2 -p no:cacheprovider $(PYTEST_ARGS)
+
+test-newest:
+	rm -rf $(NEWEST_VENV)
+	$(PYTHON) -m venv $(NEWEST_VENV)
+	$(NEWEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(NEWEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[test]"
+	@$(NEWEST_VENV)/bin/python -m pip freeze | grep -iE $(KEY_PACKAGES)
+	$(NEWEST_VENV)/bin/python -m pytest -q -n 2 -p no:cacheprovider $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache runs benchmarks/results
+	rm -rf $(VENV) $(OLDEST_VENV) $(NEWEST_VENV) .pytest_cache .mypy_cache .ruff_cache runs benchmarks/results

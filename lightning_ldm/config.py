@@ -1,15 +1,27 @@
 """Build objects from ``{"target": "package.module.Name", "params": {...}}`` configs, and the HybridConditioner.
 
 A config names code to import and call, so a config from elsewhere can run anything importable (``os.system``,
-``subprocess.Popen``). Pass ``allowed_prefixes`` to restrict the modules a config may reach: the target is checked
-before anything is imported, and the object found must also be defined under an allowed prefix (so an allowed module
-cannot re-export ``os.system``).
+``subprocess.Popen``). Pass ``allowed_prefixes`` to restrict the modules a config may reach. The restriction holds for
+everything built from that config:
+
+* the target string must lie under an allowed prefix (whole dotted components) and is checked before anything is
+  imported; no component may be private (``_name``, ``__getattr__``);
+* the object found must be defined under an allowed prefix too (judged by its ``__module__``, or a module's
+  ``__name__``), so an allowed module cannot re-export ``os.system`` or hand out the modules it imported;
+* the package's own loaders (:func:`instantiate_from_config`, :func:`get_obj_from_str`) are not targets;
+* while a target runs, the restriction is active in a context variable: any config built inside it (the nested configs
+  of a :class:`HybridConditioner`, or any class whose ``__init__`` calls :func:`instantiate_from_config`) must satisfy
+  it as well as its own ``allowed_prefixes``, which can narrow but never widen it;
+* what a target returns may not be a callable (or module) defined outside the allowed prefixes.
 """
 
 from __future__ import annotations
 
+import contextvars
 import importlib
-from collections.abc import Callable, Mapping, Sequence
+import types
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from torch import Tensor, nn
@@ -18,12 +30,18 @@ __all__ = ["ConfigImportError", "HybridConditioner", "get_obj_from_str", "instan
 
 _SENTINELS = ("__is_first_stage__", "__is_unconditional__")
 
+Restriction = tuple[str, ...]
+
+#: The allow-lists of every restricted ``instantiate_from_config`` call that is running in this context; a target must
+#: satisfy each of them.
+_ACTIVE: contextvars.ContextVar[tuple[Restriction, ...]] = contextvars.ContextVar("lightning_ldm_allowed_prefixes")
+
 
 class ConfigImportError(ImportError, ValueError):
     """A config's ``target`` could not be imported (an ``ImportError`` and a ``ValueError``)."""
 
 
-def _check_prefixes(allowed_prefixes: Sequence[str] | None) -> tuple[str, ...] | None:
+def _check_prefixes(allowed_prefixes: Sequence[str] | None) -> Restriction | None:
     if allowed_prefixes is None:
         return None
     if isinstance(allowed_prefixes, str) or not all(isinstance(p, str) for p in allowed_prefixes):
@@ -34,38 +52,55 @@ def _check_prefixes(allowed_prefixes: Sequence[str] | None) -> tuple[str, ...] |
     return tuple(p.rstrip(".") for p in allowed_prefixes)
 
 
-def _allowed(path: str, prefixes: tuple[str, ...]) -> bool:
+def _restrictions(allowed_prefixes: Sequence[str] | None) -> tuple[Restriction, ...]:
+    """The active allow-lists (inherited from enclosing calls) plus ``allowed_prefixes`` when given."""
+    own = _check_prefixes(allowed_prefixes)
+    active = _ACTIVE.get(())
+    return active if own is None or own in active else (*active, own)
+
+
+def _allowed(path: str, prefixes: Restriction) -> bool:
     """``path`` is one of ``prefixes`` or lies inside one (whole dotted components: ``torch.nn`` ≠ ``torch.nnx``)."""
     return any(path == p or path.startswith(p + ".") for p in prefixes if p)
 
 
-def get_obj_from_str(string: str, *, allowed_prefixes: Sequence[str] | None = None) -> Any:
-    """Import ``"package.module.Name"`` and return ``Name``.
+def _shown(prefixes: Restriction) -> list[str]:
+    return [p + "." for p in prefixes]
 
-    Args:
-        string: Dotted path: the module, then the attribute.
-        allowed_prefixes: When given, only targets under one of these module prefixes (``"lightning_ldm."``,
-            ``"torch.nn."``; matched on whole dotted components) are imported, and the object found must be defined
-            under one of them too. ``None`` allows everything (the seed's behaviour).
 
-    Returns:
-        The attribute.
+def _origin(obj: Any) -> str | None:
+    """Where ``obj`` is defined: a module's ``__name__``, else its (or its class's) ``__module__``."""
+    origin = obj.__name__ if isinstance(obj, types.ModuleType) else getattr(obj, "__module__", None)
+    return origin if isinstance(origin, str) else None
 
-    Raises:
-        TypeError: ``string`` is not a str, or ``allowed_prefixes`` is not a sequence of str.
-        ValueError: ``string`` has no dot, or lies (or resolves) outside ``allowed_prefixes``.
-        ConfigImportError: The module does not import or has no such attribute (an ``ImportError`` and a
-            ``ValueError``).
-    """
-    prefixes = _check_prefixes(allowed_prefixes)
+
+def _check_origin(what: str, obj: Any, restrictions: tuple[Restriction, ...]) -> None:
+    origin = _origin(obj)
+    for prefixes in restrictions:
+        if origin is None or not _allowed(origin, prefixes):
+            raise ValueError(
+                f"{what} an object defined in {origin!r}, outside allowed_prefixes={_shown(prefixes)!r} "
+                f"(a {type(obj).__name__})"
+            )
+
+
+def _loaders() -> tuple[Any, ...]:
+    return (instantiate_from_config, get_obj_from_str)
+
+
+def _resolve(string: str, restrictions: tuple[Restriction, ...]) -> Any:
     if not isinstance(string, str):
         raise TypeError(f"target must be a str 'package.module.Name', got {string!r} of type {type(string).__name__}")
     module_name, dot, name = string.rpartition(".")
     if not dot or not module_name or not name:
         raise ValueError(f"target={string!r} is not a dotted path; expected 'package.module.Name'")
-    if prefixes is not None and not _allowed(string, prefixes):
+    for prefixes in restrictions:
+        if not _allowed(string, prefixes):
+            raise ValueError(f"target={string!r} is not allowed: it lies outside allowed_prefixes={_shown(prefixes)!r}")
+    if restrictions and any(part.startswith("_") for part in string.split(".")):
         raise ValueError(
-            f"target={string!r} is not allowed: it lies outside allowed_prefixes={list(allowed_prefixes or ())!r}"
+            f"target={string!r} is not allowed: private names (a component starting with '_') are not targets "
+            "when allowed_prefixes is set"
         )
     try:
         module = importlib.import_module(module_name)
@@ -75,14 +110,47 @@ def get_obj_from_str(string: str, *, allowed_prefixes: Sequence[str] | None = No
         obj = getattr(module, name)
     except AttributeError as err:
         raise ConfigImportError(f"target={string!r}: module {module_name!r} has no attribute {name!r}") from err
-    if prefixes is not None:
-        origin = obj.__name__ if isinstance(obj, type(module)) else getattr(obj, "__module__", None)
-        if not isinstance(origin, str) or not _allowed(origin, prefixes):
+    if restrictions:
+        if any(obj is loader for loader in _loaders()):
             raise ValueError(
-                f"target={string!r} resolves to an object defined in {origin!r}, outside "
-                f"allowed_prefixes={list(allowed_prefixes or ())!r}"
+                f"target={string!r} is not allowed: the config loaders (instantiate_from_config, get_obj_from_str) "
+                "are not targets when allowed_prefixes is set"
             )
+        _check_origin(f"target={string!r} resolves to", obj, restrictions)
     return obj
+
+
+def get_obj_from_str(string: str, *, allowed_prefixes: Sequence[str] | None = None) -> Any:
+    """Import ``"package.module.Name"`` and return ``Name``.
+
+    Args:
+        string: Dotted path: the module, then the attribute.
+        allowed_prefixes: When given, only targets under one of these module prefixes (``"lightning_ldm."``,
+            ``"torch.nn."``; matched on whole dotted components) are imported, and the object found must be defined
+            under one of them too (see the module docstring for the full rule). A restriction active from an
+            enclosing :func:`instantiate_from_config` applies as well. ``None`` and no active restriction allows
+            everything (CompVis' behaviour).
+
+    Returns:
+        The attribute.
+
+    Raises:
+        TypeError: ``string`` is not a str, or ``allowed_prefixes`` is not a sequence of str.
+        ValueError: ``string`` has no dot, or lies (or resolves) outside ``allowed_prefixes``, names a private
+            component, or is one of the loaders.
+        ConfigImportError: The module does not import or has no such attribute (an ``ImportError`` and a
+            ``ValueError``).
+    """
+    return _resolve(string, _restrictions(allowed_prefixes))
+
+
+@contextmanager
+def _active(restrictions: tuple[Restriction, ...]) -> Iterator[None]:
+    token = _ACTIVE.set(restrictions)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
 
 
 def instantiate_from_config(config: Any, *, allowed_prefixes: Sequence[str] | None = None) -> Any:
@@ -91,8 +159,10 @@ def instantiate_from_config(config: Any, *, allowed_prefixes: Sequence[str] | No
     Args:
         config: A mapping with a ``"target"`` (``"package.module.Name"``) and optional ``"params"`` (a mapping of
             keyword arguments; ``None`` counts as empty). The strings ``"__is_first_stage__"`` and
-            ``"__is_unconditional__"`` give ``None``, as in the seed.
-        allowed_prefixes: Restrict the importable modules (see :func:`get_obj_from_str`).
+            ``"__is_unconditional__"`` give ``None``, as in CompVis.
+        allowed_prefixes: Restrict the importable modules (see :func:`get_obj_from_str`). The restriction stays
+            active while the target runs, so every config built inside it must satisfy it too, and the result may
+            not be a callable or module defined outside the allowed prefixes.
 
     Returns:
         The object built, or ``None`` for the two sentinel strings.
@@ -100,13 +170,15 @@ def instantiate_from_config(config: Any, *, allowed_prefixes: Sequence[str] | No
     Raises:
         KeyError: No ``"target"`` (``"Expected key `target` to instantiate."``), also for any other string.
         TypeError: ``config`` is not a mapping, ``params`` is not a mapping or has non-str keys.
-        ValueError: See :func:`get_obj_from_str`.
+        ValueError: See :func:`get_obj_from_str`; also a restricted target that returns a callable or module
+            defined outside the allowed prefixes.
         ConfigImportError: See :func:`get_obj_from_str`.
 
     Example:
         >>> instantiate_from_config({"target": "torch.nn.Linear", "params": {"in_features": 2, "out_features": 3}})
         Linear(in_features=2, out_features=3, bias=True)
     """
+    restrictions = _restrictions(allowed_prefixes)
     if isinstance(config, str):
         if config in _SENTINELS:
             return None
@@ -129,7 +201,14 @@ def instantiate_from_config(config: Any, *, allowed_prefixes: Sequence[str] | No
     bad = [k for k in params if not isinstance(k, str)]
     if bad:
         raise TypeError(f"params of target={config['target']!r} must have str keys, got {bad!r}")
-    return get_obj_from_str(config["target"], allowed_prefixes=allowed_prefixes)(**params)
+    target = _resolve(config["target"], restrictions)
+    if not restrictions:
+        return target(**params)
+    with _active(restrictions):
+        built = target(**params)
+    if callable(built) or isinstance(built, types.ModuleType):
+        _check_origin(f"target={config['target']!r} returned", built, restrictions)
+    return built
 
 
 def _build(name: str, spec: Any, allowed_prefixes: Sequence[str] | None) -> Callable[..., Any]:
@@ -145,7 +224,9 @@ class HybridConditioner(nn.Module):
     Args:
         c_concat_config: Config of the concat conditioner (see :func:`instantiate_from_config`) or a ready module.
         c_crossattn_config: Config of the cross-attention conditioner, or a ready module.
-        allowed_prefixes: Restrict the modules the configs may import (see :func:`get_obj_from_str`).
+        allowed_prefixes: Restrict the modules the configs may import (see :func:`get_obj_from_str`). When the
+            conditioner is itself built by a restricted :func:`instantiate_from_config`, that restriction applies
+            too; this argument can only narrow it.
 
     Raises:
         TypeError: A config builds something that is not callable (e.g. a sentinel string giving ``None``).

@@ -8,12 +8,15 @@ over every sample seen on every rank.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+from typing_extensions import override
 
 from lightning_ldm._checks import check_int
 
@@ -113,8 +116,22 @@ class TimestepBucketLoss(Metric):
         self.count.index_add_(0, bucket, torch.ones_like(bucket, dtype=torch.float64))
 
     def compute(self) -> Tensor:
-        """Mean loss per bucket (float64, shape ``(num_buckets,)``); NaN for a bucket with no sample."""
+        """Mean loss per bucket (float64, shape ``(num_buckets,)``, also for one bucket).
+
+        NaN for a bucket with no sample, and for a bucket that received a NaN loss (it is not dropped).
+        """
         return self.loss_sum / self.count.clamp(min=1.0) + torch.where(self.count > 0, 0.0, math.nan)
+
+    @override
+    def _wrap_compute(self, compute: Callable[..., Any]) -> Callable[..., Any]:
+        """Keep :meth:`compute`'s ``(num_buckets,)`` shape: torchmetrics squeezes a one-element result to 0-d."""
+        wrapped = super()._wrap_compute(compute)
+
+        @functools.wraps(wrapped)
+        def compute_per_bucket(*args: Any, **kwargs: Any) -> Tensor:
+            return wrapped(*args, **kwargs).reshape(-1)
+
+        return compute_per_bucket
 
     def names(self, prefix: str = "loss_bucket/") -> list[str]:
         """Names of the buckets (see :func:`bucket_names`)."""

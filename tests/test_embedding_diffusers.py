@@ -14,7 +14,14 @@ from tests.test_embedding import DIMS, TIMESTEPS, bits
 
 
 def reference(t: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
-    return get_timestep_embedding(t, dim, flip_sin_to_cos=True, downscale_freq_shift=0, max_period=max_period)
+    try:
+        return get_timestep_embedding(t, dim, flip_sin_to_cos=True, downscale_freq_shift=0, max_period=max_period)
+    except RuntimeError as err:
+        # for an odd dim diffusers pads its (0, dim - 1) result, which torch < 2.13 refuses ("negative output
+        # size"); the reference's answer is then the empty (0, dim) float32 tensor
+        if t.numel() != 0 or "negative output size" not in str(err):
+            raise
+        return torch.zeros(0, dim)
 
 
 @pytest.mark.parametrize("name", list(TIMESTEPS))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,9 +32,10 @@ class GradientCheckpointing(Callback):
 
     At fit start each chosen module either
 
-    * has a boolean ``use_checkpoint`` attribute (the seed's ``ResBlock``/``BasicTransformerBlock`` style): it is set
+    * has a boolean ``use_checkpoint`` attribute (CompVis' ``ResBlock``/``BasicTransformerBlock`` style): it is set
       to ``True``; or
-    * gets its ``forward`` wrapped so that, when gradients are enabled, it runs through
+    * gets its ``forward`` replaced by a picklable wrapper (a deep copy or a pickle of the module taken during fit
+      runs its own weights, checkpointed) so that, when gradients are enabled, it runs through
       ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`` (or, with ``use_reentrant=True``,
       :func:`lightning_ldm.checkpoint`, passing the module's parameters). Both record the autocast state of the
       forward and recompute under it, so under ``precision="bf16-mixed"``/``"16-mixed"`` (where Lightning runs
@@ -159,21 +161,44 @@ class GradientCheckpointing(Callback):
         self._restore()
 
 
+class _CheckpointedForward:
+    """The ``forward`` that :class:`GradientCheckpointing` puts on a module: checkpointed when grad is enabled.
+
+    A plain object holding the module (not a closure), so that ``copy.deepcopy`` and ``pickle`` of the module carry
+    it along pointing at the *copy* (its weights), and the copy keeps checkpointing.
+
+    Args:
+        module: The module whose ``forward`` this replaces.
+        use_reentrant: Use :func:`lightning_ldm.checkpoint` (reentrant) instead of torch's non-reentrant one.
+        previous: The instance-level ``forward`` the module had before, or ``None`` to call its class's ``forward``.
+    """
+
+    def __init__(self, module: nn.Module, use_reentrant: bool, previous: Callable[..., Any] | None) -> None:
+        self.module = module
+        self.use_reentrant = use_reentrant
+        self.previous = previous
+
+    def _inner(self) -> Callable[..., Any]:
+        if self.previous is not None:
+            return self.previous
+        return types.MethodType(type(self.module).forward, self.module)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the module's own ``forward``, through a checkpoint when gradients are enabled."""
+        original = self._inner()
+        if not torch.is_grad_enabled():
+            return original(*args, **kwargs)
+        if self.use_reentrant:
+            func = functools.partial(original, **kwargs) if kwargs else original
+            return ldm_checkpoint(func, args, tuple(self.module.parameters()), True, use_reentrant=True)
+        return torch.utils.checkpoint.checkpoint(original, *args, use_reentrant=False, **kwargs)
+
+
 def _wrap_forward(module: nn.Module, use_reentrant: bool) -> Callable[[], None]:
     """Make ``module.forward`` checkpointed (when grad is enabled); return the function that undoes it."""
     had_own = "forward" in module.__dict__
     previous = module.__dict__.get("forward")
-    original = module.forward
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        if not torch.is_grad_enabled():
-            return original(*args, **kwargs)
-        if use_reentrant:
-            func = functools.partial(original, **kwargs) if kwargs else original
-            return ldm_checkpoint(func, args, tuple(module.parameters()), True, use_reentrant=True)
-        return torch.utils.checkpoint.checkpoint(original, *args, use_reentrant=False, **kwargs)
-
-    module.__dict__["forward"] = forward
+    module.__dict__["forward"] = _CheckpointedForward(module, use_reentrant, previous if had_own else None)
 
     def undo() -> None:
         if had_own:
