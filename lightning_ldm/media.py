@@ -188,7 +188,7 @@ def encode_gif(frames: Tensor, *, fps: float = 8.0) -> bytes:
 
     Args:
         frames: uint8 frames.
-        fps: Frames per second (GIF stores whole milliseconds per frame: ``round(1000/fps)``).
+        fps: Frames per second (GIF stores hundredths of a second per frame: ``max(round(100/fps), 1)``).
 
     Returns:
         The GIF file's bytes.
@@ -201,7 +201,7 @@ def encode_gif(frames: Tensor, *, fps: float = 8.0) -> bytes:
     fps = check_real("fps", fps, minimum=0.0, min_inclusive=False)
     images = [_to_pil(frame) for frame in frames]
     buffer = io.BytesIO()
-    duration = max(round(1000.0 / fps), 1)
+    duration = 10 * max(round(100.0 / fps), 1)  # in ms, a whole number of centiseconds
     images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=duration, loop=0)
     return buffer.getvalue()
 
