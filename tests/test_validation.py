@@ -74,7 +74,9 @@ def test_losses_equal_a_by_hand_loss_and_repeat_exactly() -> None:
 def test_global_rng_is_not_used() -> None:
     torch.manual_seed(0)
     before = torch.get_rng_state()
-    losses = fixed_timestep_losses(lambda x, t, n: (x + n).square().mean(), torch.zeros(2, 3), (1, 2), seed=0, batch_index=0)
+    losses = fixed_timestep_losses(
+        lambda x, t, n: (x + n).square().mean(), torch.zeros(2, 3), (1, 2), seed=0, batch_index=0
+    )
     assert torch.equal(torch.get_rng_state(), before)
     assert set(losses) == {1, 2}
 
@@ -92,7 +94,11 @@ def test_global_rng_is_not_used() -> None:
         ({"batch_index": "0"}, TypeError, "batch_index must be an integer"),
         ({"x_start": torch.zeros(())}, ValueError, r"x_start must have a non-empty batch dimension, got shape \(\)"),
         ({"x_start": [1.0]}, TypeError, "x_start must be a tensor, got list"),
-        ({"loss_fn": lambda x, t, n: (x - n).square()}, ValueError, r"scalar \(one number\), got shape \(2, 3\) at t=1"),
+        (
+            {"loss_fn": lambda x, t, n: (x - n).square()},
+            ValueError,
+            r"scalar \(one number\), got shape \(2, 3\) at t=1",
+        ),
         ({"loss_fn": lambda x, t, n: 0.5}, TypeError, "loss_fn must return a scalar tensor, got float at t=1"),
     ],
 )
