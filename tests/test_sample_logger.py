@@ -136,7 +136,8 @@ def params(model: nn.Module) -> list[Tensor]:
         ({"frame_dim": 3}, ValueError, r"frame_dim=3 is out of range; expected an integer in \[1, 2\]"),
         ({"max_frames": 0}, ValueError, r"max_frames=0 is out of range"),
         ({"fps": 0}, ValueError, r"fps=0 is out of range"),
-        ({"tag": ""}, TypeError, r"tag must be a non-empty string, got ''"),
+        ({"tag": ""}, ValueError, r"tag must be a non-empty string, got ''"),
+        ({"tag": 3}, TypeError, r"tag must be a string, got int"),
         ({"clip_x0": 0.0}, ValueError, r"clip_x0=0 is out of range"),
     ],
 )

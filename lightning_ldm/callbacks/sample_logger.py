@@ -211,8 +211,10 @@ class SampleLogger(Callback):
         self.clip_x0 = None if clip_x0 is None else check_real("clip_x0", clip_x0, minimum=0.0, min_inclusive=False)
         self.seed = check_int("seed", seed, minimum=0)
         self.value_range = check_value_range(value_range)
-        if not isinstance(tag, str) or not tag:
-            raise TypeError(f"tag must be a non-empty string, got {tag!r}")
+        if not isinstance(tag, str):
+            raise TypeError(f"tag must be a string, got {type(tag).__name__}")
+        if not tag:
+            raise ValueError("tag must be a non-empty string, got ''")
         self.tag = tag
         self.nrow = None if nrow is None else check_int("nrow", nrow, minimum=1)
         self.frame_dim = check_int("frame_dim", frame_dim, minimum=1, maximum=2)
@@ -262,7 +264,11 @@ class SampleLogger(Callback):
 
     # --------------------------------------------------------------------------------------------- logging
     def log_samples(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor | None:
-        """Sample (averaged weights if any) and write, on global rank zero, once per global step.
+        """Sample (with the averaged weights if any) and write, on global rank zero, at most once per global step.
+
+        Args:
+            trainer: The Trainer (its ``global_step`` names the logging, its loggers receive it).
+            pl_module: The module to sample.
 
         Returns:
             The samples (as :attr:`last_samples`), or ``None`` on other ranks or when this step is logged already.
