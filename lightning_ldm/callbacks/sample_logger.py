@@ -1,0 +1,353 @@
+r"""``SampleLogger``: DDIM samples from fixed starting noise, written to the Trainer's loggers during training.
+
+Every ``every_n_steps`` optimizer steps and/or at the end of every validation pass, global rank zero samples the
+module with DDIM from the same starting noise, decodes through the first stage when the module has one, and writes
+an image grid (or, for 5-D samples, an animated grid) to every attached logger (see
+:mod:`lightning_ldm.callbacks.sample_writers`).
+
+What it leaves alone: the training weights (restored bitwise after sampling with averaged weights), the modules'
+train/eval modes, and every random stream of training: the global CPU RNG, the module device's CUDA RNG and the
+module's ``diffusion_generator``. A fit with and without the callback ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, WeightAveraging
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
+from typing_extensions import override
+
+from lightning_ldm._checks import check_choice, check_int, check_real
+from lightning_ldm.callbacks.sample_writers import write_image, write_video
+from lightning_ldm.callbacks.schedule import derive_seed
+from lightning_ldm.ddim import DDIM_METHODS
+from lightning_ldm.media import check_value_range, image_grid, to_uint8, video_grid
+
+__all__ = ["SampleLogger", "averaged_module"]
+
+log = logging.getLogger(__name__)
+
+Conditioning = Tensor | Mapping[str, Any] | None
+
+
+def averaged_module(callback: WeightAveraging) -> nn.Module | None:
+    """The module holding ``callback``'s averaged weights, or ``None`` before it exists (outside ``fit``).
+
+    Lightning 2.6 keeps the ``AveragedModel`` in the private attribute ``_average_model`` and offers no public
+    accessor; this function is the one place that reads it.
+    """
+    average = getattr(callback, "_average_model", None)
+    return average.module if isinstance(average, AveragedModel) else None
+
+
+def _callbacks(trainer: pl.Trainer) -> list[Callback]:
+    """``trainer.callbacks`` (set by Lightning's callback connector, so invisible to type checkers)."""
+    return list(getattr(trainer, "callbacks", []))
+
+
+def _first_averaged_module(trainer: pl.Trainer) -> nn.Module | None:
+    for callback in _callbacks(trainer):
+        if isinstance(callback, WeightAveraging) and (module := averaged_module(callback)) is not None:
+            return module
+    return None
+
+
+@contextlib.contextmanager
+def _swapped_weights(module: nn.Module, averaged: nn.Module) -> Iterator[None]:
+    """Swap ``module``'s parameter and buffer values with ``averaged``'s, and back on exit (bitwise round trip).
+
+    The tensors are paired in the order Lightning's ``WeightAveraging`` pairs them: parameters, then buffers.
+    """
+    pairs = list(
+        zip(
+            [*module.parameters(), *module.buffers()],
+            [*averaged.parameters(), *averaged.buffers()],
+            strict=True,
+        )
+    )
+
+    def swap() -> None:
+        with torch.no_grad():
+            for current, average in pairs:
+                kept = average.detach().clone()
+                average.copy_(current.detach())
+                current.copy_(kept)
+
+    swap()
+    try:
+        yield
+    finally:
+        swap()
+
+
+@contextlib.contextmanager
+def _training_streams_kept(pl_module: nn.Module) -> Iterator[None]:
+    """Restore the global CPU RNG, the module device's CUDA RNG and ``pl_module.diffusion_generator`` on exit."""
+    device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    generator = getattr(pl_module, "diffusion_generator", None)
+    state = generator.get_state() if isinstance(generator, torch.Generator) else None
+    with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+        try:
+            yield
+        finally:
+            if state is not None and generator is not None:
+                generator.set_state(state)
+
+
+def _floating_dtype(pl_module: pl.LightningModule) -> torch.dtype:
+    """The module's dtype (what true-half precision casts it to), float32 unless it is a floating dtype."""
+    dtype = pl_module.dtype
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def _check_cond(name: str, value: Any) -> Conditioning:
+    if value is not None and not isinstance(value, (Tensor, Mapping)):
+        raise TypeError(f"{name} must be a Tensor, a mapping of keyword arguments or None, got {type(value).__name__}")
+    return value
+
+
+def _to_device(value: Conditioning, device: torch.device) -> Conditioning:
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, Mapping):
+        return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in value.items()}
+    return value
+
+
+class SampleLogger(Callback):
+    r"""Log DDIM samples from fixed starting noise every N optimizer steps and/or at validation end.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[EMAWeightAveraging(), SampleLogger((16, 3, 32, 32), every_n_steps=500)],
+                            logger=TensorBoardLogger("runs"))
+
+    The starting noise is drawn once, in float32, from a CPU generator seeded with ``seed`` (:attr:`noise`), and
+    moved to the module's device and dtype at each logging; the η noise (``eta > 0``) comes from a generator on the
+    module's device reseeded with ``derive_seed(seed, 1)`` before each sampling, so every logging is comparable.
+
+    With a ``WeightAveraging`` callback (e.g. ``EMAWeightAveraging``) on the Trainer, samples come from the averaged
+    weights once they exist (during ``fit``); the training weights are put back bitwise afterwards. List the
+    ``SampleLogger`` after the averaging callback so that step-based samples include that step's update.
+
+    Samples are logged by global rank zero only, with no collective call: do not use it with a strategy that
+    shards the weights (FSDP, DeepSpeed stage 3). Customise by overriding :meth:`sample` (how samples are made)
+    or :meth:`write` (where they go).
+
+    Args:
+        shape: Shape of the starting noise, batch first, e.g. ``(16, 4, 32, 32)`` for latents.
+        every_n_steps: Log after every this many optimizer steps (``None``: not on a step schedule).
+        at_validation_end: Log at the end of every validation pass (not the sanity check).
+        num_steps: DDIM steps.
+        method: DDIM timestep spacing: ``"uniform"``, ``"quad"``, ``"linspace"`` or ``"trailing"``.
+        eta: DDIM η (0: deterministic).
+        guidance_scale: Classifier-free guidance scale; ≠ 1 needs ``cond`` and ``uncond``.
+        cond: Conditioning passed to ``ddim_sample`` (tensor or keyword mapping; moved to the module's device).
+        uncond: Unconditional conditioning for guidance.
+        clip_x0: Clamp the predicted x0 to ``[-clip_x0, clip_x0]`` (``None``: no clamp).
+        seed: Seed of the starting noise and the η noise.
+        value_range: ``(low, high)`` of the decoded samples, shown as black and white.
+        tag: Name of the logged picture.
+        nrow: Samples per row of the grid (``ceil(√B)`` when ``None``).
+        frame_dim: For 5-D samples, the axis of the frames: 2 for ``(B, C, T, H, W)``, 1 for ``(B, T, C, H, W)``.
+        max_frames: Log at most this many leading frames of a clip (``None``: all).
+        fps: Frames per second of the animations.
+
+    Raises:
+        TypeError: An argument has the wrong type.
+        ValueError: An argument is out of range (e.g. ``every_n_steps < 1``), nothing would ever be logged, or
+            guidance is asked for without ``cond`` and ``uncond``.
+    """
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        every_n_steps: int | None = None,
+        at_validation_end: bool = True,
+        *,
+        num_steps: int = 50,
+        method: str = "uniform",
+        eta: float = 0.0,
+        guidance_scale: float = 1.0,
+        cond: Conditioning = None,
+        uncond: Conditioning = None,
+        clip_x0: float | None = None,
+        seed: int = 0,
+        value_range: Sequence[float] = (-1.0, 1.0),
+        tag: str = "samples",
+        nrow: int | None = None,
+        frame_dim: int = 2,
+        max_frames: int | None = None,
+        fps: float = 8.0,
+    ) -> None:
+        if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
+            raise TypeError(f"shape must be a sequence of positive integers, got {type(shape).__name__}")
+        self.shape = tuple(check_int(f"shape[{i}]", s, minimum=1) for i, s in enumerate(shape))
+        if len(self.shape) < 2:
+            raise ValueError(f"shape must have a batch axis and at least one more, got {self.shape}")
+        self.every_n_steps = None if every_n_steps is None else check_int("every_n_steps", every_n_steps, minimum=1)
+        if not isinstance(at_validation_end, bool):
+            raise TypeError(f"at_validation_end must be a bool, got {type(at_validation_end).__name__}")
+        if self.every_n_steps is None and not at_validation_end:
+            raise ValueError("every_n_steps=None and at_validation_end=False would never log; set one of them")
+        self.at_validation_end = at_validation_end
+        self.num_steps = check_int("num_steps", num_steps, minimum=1)
+        check_choice("method", method, DDIM_METHODS)
+        self.method = method
+        self.eta = check_real("eta", eta, minimum=0.0)
+        self.guidance_scale = check_real("guidance_scale", guidance_scale)
+        self.cond, self.uncond = _check_cond("cond", cond), _check_cond("uncond", uncond)
+        if self.guidance_scale != 1.0 and (cond is None or uncond is None):
+            raise ValueError(f"guidance_scale={self.guidance_scale:g} needs both cond and uncond; got only one or none")
+        self.clip_x0 = None if clip_x0 is None else check_real("clip_x0", clip_x0, minimum=0.0, min_inclusive=False)
+        self.seed = check_int("seed", seed, minimum=0)
+        self.value_range = check_value_range(value_range)
+        if not isinstance(tag, str):
+            raise TypeError(f"tag must be a string, got {type(tag).__name__}")
+        if not tag:
+            raise ValueError("tag must be a non-empty string, got ''")
+        self.tag = tag
+        self.nrow = None if nrow is None else check_int("nrow", nrow, minimum=1)
+        self.frame_dim = check_int("frame_dim", frame_dim, minimum=1, maximum=2)
+        self.max_frames = None if max_frames is None else check_int("max_frames", max_frames, minimum=1)
+        self.fps = check_real("fps", fps, minimum=0.0, min_inclusive=False)
+        self._noise = torch.randn(self.shape, generator=torch.Generator().manual_seed(self.seed), dtype=torch.float32)
+        self._last_step: int | None = None
+        #: The samples of the last logging (float32, CPU, as :meth:`sample` returned them), ``None`` before.
+        self.last_samples: Tensor | None = None
+
+    @property
+    def noise(self) -> Tensor:
+        """The fixed starting noise (float32, CPU; a copy)."""
+        return self._noise.clone()
+
+    # ----------------------------------------------------------------------------------------------- hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Check the module can sample and warn when an averaging callback comes after this one."""
+        if not callable(getattr(pl_module, "ddim_sample", None)):
+            raise TypeError(
+                f"SampleLogger needs a module with ddim_sample (a DiffusionMixin), got {type(pl_module).__name__}"
+            )
+        callbacks = _callbacks(trainer)
+        if self.every_n_steps is not None and self in callbacks:
+            later = callbacks[callbacks.index(self) + 1 :]
+            if any(isinstance(cb, WeightAveraging) for cb in later):
+                rank_zero_warn(
+                    "SampleLogger is listed before a WeightAveraging callback: its step-based samples use averaged "
+                    "weights without that step's update; list SampleLogger after it"
+                )
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Log when ``global_step`` is a positive multiple of ``every_n_steps`` not logged yet."""
+        step = trainer.global_step
+        if self.every_n_steps is not None and step > 0 and step % self.every_n_steps == 0:
+            self.log_samples(trainer, pl_module)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log at the end of a validation pass (after every callback's ``on_validation_epoch_end``)."""
+        if self.at_validation_end and not trainer.sanity_checking:
+            self.log_samples(trainer, pl_module)
+
+    # --------------------------------------------------------------------------------------------- logging
+    def log_samples(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor | None:
+        """Sample (with the averaged weights if any) and write, on global rank zero, at most once per global step.
+
+        Args:
+            trainer: The Trainer (its ``global_step`` names the logging, its loggers receive it).
+            pl_module: The module to sample.
+
+        Returns:
+            The samples (as :attr:`last_samples`), or ``None`` on other ranks or when this step is logged already.
+        """
+        step = trainer.global_step
+        if not trainer.is_global_zero or step == self._last_step:
+            return None
+        self._last_step = step
+        averaged = _first_averaged_module(trainer)
+        modes = [(m, m.training) for m in pl_module.modules()]
+        pl_module.eval()
+        try:
+            with _training_streams_kept(pl_module), contextlib.ExitStack() as stack:
+                if averaged is not None:
+                    stack.enter_context(_swapped_weights(pl_module, averaged))
+                noise = self._noise.to(device=pl_module.device, dtype=_floating_dtype(pl_module))
+                generator = torch.Generator(device=pl_module.device).manual_seed(derive_seed(self.seed, 1))
+                samples = self.sample(trainer, pl_module, noise, generator).detach().float().cpu()
+        finally:
+            for module, mode in modes:
+                module.training = mode
+        self.last_samples = samples
+        self.write(trainer, samples, step)
+        return samples
+
+    def sample(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, noise: Tensor, generator: torch.Generator
+    ) -> Tensor:
+        """Make the samples: DDIM from ``noise``, then the first stage's decoder when the module has one.
+
+        The denoiser is ``pl_module.apply_model`` when it exists, else ``pl_module`` itself (``forward(x_t, t,
+        **kw)``). Runs with the module in eval mode and the weights to show already in place.
+
+        Args:
+            trainer: The Trainer.
+            pl_module: The module (a ``DiffusionMixin``).
+            noise: Starting noise on the module's device.
+            generator: Generator for the η noise, on the module's device.
+
+        Returns:
+            Samples ``(B, C, H, W)`` or ``(B, C, T, H, W)`` / ``(B, T, C, H, W)`` (see ``frame_dim``).
+        """
+        denoiser = pl_module.apply_model if hasattr(pl_module, "apply_model") else pl_module
+        samples = pl_module.ddim_sample(  # type: ignore[operator]
+            denoiser,
+            noise.shape,
+            num_steps=self.num_steps,
+            method=self.method,
+            eta=self.eta,
+            generator=generator,
+            guidance_scale=self.guidance_scale,
+            cond=_to_device(self.cond, noise.device),
+            uncond=_to_device(self.uncond, noise.device),
+            x_T=noise,
+            clip_x0=self.clip_x0,
+        )
+        if getattr(pl_module, "first_stage", None) is not None:
+            with torch.no_grad(), trainer.precision_plugin.forward_context():
+                samples = pl_module.decode_first_stage(samples)  # type: ignore[operator]
+        return samples
+
+    def write(self, trainer: pl.Trainer, samples: Tensor, step: int) -> list[str]:
+        """Write ``samples`` as a grid (4-D) or an animated grid (5-D) to the Trainer's loggers.
+
+        Returns:
+            Where they went (logger class names and file paths).
+
+        Raises:
+            ValueError: ``samples`` is neither 4-D nor 5-D, or its channel count is not 1 or 3 (override
+                :meth:`sample` to map other channels to pictures).
+        """
+        pictures = to_uint8(samples, self.value_range)
+        if samples.ndim == 4:
+            return write_image(trainer, self.tag, image_grid(pictures, nrow=self.nrow), step)
+        if samples.ndim == 5:
+            clips = pictures.movedim(2, 1) if self.frame_dim == 2 else pictures
+            clips = clips[:, : self.max_frames]
+            return write_video(trainer, self.tag, video_grid(clips, nrow=self.nrow), step, self.fps)
+        raise ValueError(
+            f"samples must be images (B, C, H, W) or clips (5-D), got shape {tuple(samples.shape)}; override "
+            "SampleLogger.sample to return one of them"
+        )
