@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_ldm.callbacks import ScheduleCallback
+from lightning_ldm.callbacks import ScheduleCallback, TimestepLossMonitor
 from lightning_ldm.metrics import TimestepBucketLoss, bucket_bounds
 from tests.lightning_helpers import TinyDenoiser, make_loader, make_trainer
 
@@ -115,9 +115,10 @@ def test_mismatched_entries_refused():
         metric.update(torch.tensor([0, 1]), torch.tensor([1.0, 2.0, 3.0]))
 
 
-def test_schedule_callback_with_one_bucket_fits_and_logs_the_overall_mean():
+def test_loss_monitor_with_one_bucket_fits_and_logs_the_overall_mean():
     model = TinyDenoiser(timesteps=20)
-    trainer = make_trainer(max_epochs=1, max_steps=-1, callbacks=[ScheduleCallback(seed=0, num_buckets=1)])
+    callbacks = [ScheduleCallback(seed=0), TimestepLossMonitor(num_buckets=1)]
+    trainer = make_trainer(max_epochs=1, max_steps=-1, callbacks=callbacks)
     trainer.fit(model, make_loader())
     losses = torch.cat([r[1] for r in model.recorded]).double()
     assert float(trainer.callback_metrics["loss_bucket/00-19"]) == pytest.approx(float(losses.mean()), rel=1e-6)

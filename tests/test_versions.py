@@ -15,7 +15,7 @@ def _floors() -> dict[str, str]:
     for line in (ROOT / "pyproject.toml").read_text().splitlines():
         match = REQUIREMENT.match(line)
         if match:
-            lower = re.search(r">=([^,]+)", match.group(2))
+            lower = re.search(r">=([^,;]+)", match.group(2))  # up to the next specifier or marker
             if lower:
                 floors[match.group(1).lower()] = lower.group(1).strip()
     return floors
@@ -24,7 +24,7 @@ def _floors() -> dict[str, str]:
 def _pins() -> dict[str, str]:
     pins: dict[str, str] = {}
     for line in (ROOT / "constraints" / "oldest.txt").read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
+        line = line.split("#", 1)[0].split(";", 1)[0].strip()  # drop comments and environment markers
         if line:
             name, _, version = line.partition("==")
             pins[name.strip().lower()] = version.strip()
