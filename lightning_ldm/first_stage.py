@@ -132,7 +132,7 @@ def _pooled_std(latents: Tensor, shift: float, group: Any) -> float:
     return std
 
 
-def _state_dict_post_hook(module: FirstStage, state_dict: dict[str, Any], prefix: str, _meta: Any) -> None:
+def _finish_state_dict(module: FirstStage, state_dict: dict[str, Any], prefix: str) -> None:
     """Store the factor in use (float32) and leave the autoencoder out when asked."""
     device = module.scale_factor.device
     state_dict[prefix + "scale_factor"] = torch.tensor(module.scale, dtype=torch.float32, device=device)
@@ -142,7 +142,7 @@ def _state_dict_post_hook(module: FirstStage, state_dict: dict[str, Any], prefix
             del state_dict[key]
 
 
-def _load_pre_hook(module: FirstStage, state_dict: Mapping[str, Any], prefix: str, *_args: Any) -> None:
+def _check_stored_scale(module: FirstStage, state_dict: Mapping[str, Any], prefix: str) -> None:
     """Restore (``scale_by_std``) or check (fixed factor) the stored scale factor."""
     module._load_prefix = prefix
     stored = state_dict.get(prefix + "scale_factor")
@@ -251,8 +251,6 @@ class FirstStage(nn.Module):
         self._scale = scale
         self._fitted = False
         self._load_prefix: str | None = None
-        self.register_state_dict_post_hook(_state_dict_post_hook)
-        self.register_load_state_dict_pre_hook(_load_pre_hook)
         self.register_load_state_dict_post_hook(_load_post_hook)
 
     @property
@@ -275,6 +273,27 @@ class FirstStage(nn.Module):
         with torch.no_grad():
             self.scale_factor.fill_(value)
             self.scale_fitted.fill_(fitted)
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
+        """The state dict with the factor in use, without the autoencoder's weights if it is not kept."""
+        out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        _finish_state_dict(self, out, prefix)
+        return out
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        _check_stored_scale(self, state_dict, prefix)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def train(self, mode: bool = True) -> FirstStage:
         """Set the training flag of this wrapper; the autoencoder stays in eval mode."""

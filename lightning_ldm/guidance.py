@@ -43,6 +43,20 @@ def _expand_batch(value: Tensor, batch_size: int, name: str) -> Tensor:
     return value.expand(batch_size, *value.shape[1:]) if value.shape[0] != batch_size else value
 
 
+def _cat_pair(u: Any, c: Any, batch_size: int, where: str) -> Any:
+    """``torch.cat([u, c])`` leaf by leaf through matching lists and dicts (CompVis' ``c_crossattn`` lists)."""
+    if isinstance(c, Tensor) and isinstance(u, Tensor):
+        return torch.cat([_expand_batch(u, batch_size, f"uncond{where}"), _expand_batch(c, batch_size, f"cond{where}")])
+    if isinstance(c, (list, tuple)) and isinstance(u, (list, tuple)) and len(c) == len(u):
+        return [_cat_pair(ui, ci, batch_size, f"{where}[{i}]") for i, (ui, ci) in enumerate(zip(u, c, strict=True))]
+    if isinstance(c, Mapping) and isinstance(u, Mapping) and set(c) == set(u):
+        return {k: _cat_pair(u[k], c[k], batch_size, f"{where}[{k!r}]") for k in c}
+    raise TypeError(
+        f"cond{where} and uncond{where} must be tensors (or lists/dicts of tensors of the same structure) to batch "
+        f"them, got {type(c).__name__} and {type(u).__name__}"
+    )
+
+
 def guided_model(
     model: Callable[..., Tensor],
     batch_size: int,
@@ -74,7 +88,8 @@ def guided_model(
     Raises:
         ValueError: Guidance without ``uncond``/``cond``, keywords that differ between the two, or a conditioning
             tensor of the wrong batch size.
-        TypeError: ``cond``/``uncond`` is neither a tensor, a mapping nor ``None``, or a guided entry is not a tensor.
+        TypeError: ``cond``/``uncond`` is neither a tensor, a mapping nor ``None``, or a guided entry is not a tensor
+            (or a list/dict of tensors matched by the other side).
     """
     scale = check_real("guidance_scale", guidance_scale)
     cond_kw = _as_kwargs(cond, "cond")
@@ -95,15 +110,7 @@ def guided_model(
         if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == batch_size:
             pair_kw[key] = torch.cat([value, value])
     for key in cond_kw:
-        c, u = cond_kw[key], uncond_kw[key]
-        if not (isinstance(c, Tensor) and isinstance(u, Tensor)):
-            raise TypeError(
-                f"cond[{key!r}] and uncond[{key!r}] must be tensors to batch them, got {type(c).__name__} and "
-                f"{type(u).__name__}"
-            )
-        pair_kw[key] = torch.cat(
-            [_expand_batch(u, batch_size, f"uncond[{key!r}]"), _expand_batch(c, batch_size, f"cond[{key!r}]")]
-        )
+        pair_kw[key] = _cat_pair(uncond_kw[key], cond_kw[key], batch_size, f"[{key!r}]")
 
     def model_fn(x: Tensor, t: Tensor) -> Tensor:
         out = model(torch.cat([x, x]), torch.cat([t, t]), **pair_kw)

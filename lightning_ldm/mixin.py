@@ -39,6 +39,8 @@ from lightning_ldm.embedding import SinusoidalTimestepEmbedding
 from lightning_ldm.guidance import Conditioning, eval_mode, guided_model
 from lightning_ldm.losses import LossType, LossWeighting
 from lightning_ldm.schedule_holder import CHECKPOINT_KEY, ScheduleHolder
+from lightning_ldm.scheduler_sampling import check_scheduler, scheduler_sample
+from lightning_ldm.validation import fixed_timestep_losses, log_timestep_losses
 
 __all__ = ["CHECKPOINT_KEY", "DiffusionMixin"]
 
@@ -61,40 +63,9 @@ class DiffusionMixin(ScheduleHolder):
     diffusion_generator: torch.Generator | None = None
     last_timestep_losses: tuple[Tensor, Tensor] | None = None
 
-    # ------------------------------------------------------------------------------------- noising identities
     def q_sample(self, x_start: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
         """Diffuse ``x_start`` to ``t`` (:meth:`NoiseSchedule.q_sample`); ``noise`` drawn if ``None``."""
         return self.require_schedule().q_sample(x_start, t, self.sample_noise(x_start) if noise is None else noise)
-
-    def predict_start_from_noise(self, x_t: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        """``x0 = √(1/ā_t)·x_t − √(1/ā_t − 1)·ε`` (:meth:`NoiseSchedule.predict_start_from_noise`)."""
-        return self.require_schedule().predict_start_from_noise(x_t, t, noise)
-
-    def get_v(self, x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        """The v-prediction target ``√ā_t·ε − √(1−ā_t)·x`` (:meth:`NoiseSchedule.get_v`)."""
-        return self.require_schedule().get_v(x, noise, t)
-
-    def predict_start_from_z_and_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
-        """``x0 = √ā_t·x_t − √(1−ā_t)·v`` (:meth:`NoiseSchedule.predict_start_from_v`)."""
-        return self.require_schedule().predict_start_from_v(x_t, t, v)
-
-    def predict_eps_from_z_and_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
-        """``ε = √ā_t·v + √(1−ā_t)·x_t`` (:meth:`NoiseSchedule.predict_noise_from_v`)."""
-        return self.require_schedule().predict_noise_from_v(x_t, t, v)
-
-    def q_posterior(self, x_start: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Mean, variance and clipped log-variance of ``q(x_{t−1} | x_t, x_0)`` (:meth:`NoiseSchedule.q_posterior`)."""
-        return self.require_schedule().q_posterior(x_start, x_t, t)
-
-    def snr(self, t: Tensor) -> Tensor:
-        """Signal-to-noise ratio of each timestep, float32 ``(B,)`` (:meth:`NoiseSchedule.snr`)."""
-        return self.require_schedule().snr(t)
-
-    def loss_weights(
-        self, t: Tensor, loss_weighting: LossWeighting = "none", min_snr_gamma: float = 5.0
-    ) -> Tensor | None:
-        """Per-sample loss weights, float32 ``(B,)``, ``None`` for ``"none"`` (:meth:`NoiseSchedule.loss_weights`)."""
-        return self.require_schedule().loss_weights(t, loss_weighting, min_snr_gamma)
 
     # ----------------------------------------------------------------------------------------- random draws
     def sample_timesteps(self, batch_size: int, device: torch.device | str | None = None) -> Tensor:
@@ -200,6 +171,47 @@ class DiffusionMixin(ScheduleHolder):
             self.last_timestep_losses = (t.detach(), per_sample.detach())
         return loss
 
+    def apply_model(self, x_t: Tensor, t: Tensor, cond: Any = None, **kwargs: Any) -> Tensor:
+        """The denoiser call that samplers make (CompVis' name): ``self(x_t, t, cond=cond, **kwargs)``.
+
+        ``cond`` is passed on only when it is not ``None``. :class:`~lightning_ldm.latent.LatentDiffusionMixin`
+        overrides it to route ``cond`` by CompVis' conditioning keys.
+        """
+        return self(x_t, t, **kwargs) if cond is None else self(x_t, t, cond=cond, **kwargs)
+
+    def fixed_timestep_loss(
+        self,
+        model: Callable[..., Tensor],
+        x_start: Tensor,
+        timesteps: Sequence[int],
+        *,
+        batch_index: int,
+        seed: int = 0,
+        dataloader_index: int = 0,
+        model_kwargs: Mapping[str, Any] | None = None,
+        prefix: str = "val/loss",
+    ) -> dict[int, Tensor]:
+        """Validation loss at each of ``timesteps`` with fixed noise, logged per t and as a mean.
+
+        The noise depends on ``(seed, dataloader_index, batch_index, t)`` only (see
+        :func:`lightning_ldm.validation.fixed_noise`), so the numbers are the same in every run and on every rank.
+        Logged as ``f"{prefix}/t={t}"`` and ``f"{prefix}/mean"`` per epoch, averaged over ranks.
+
+        Returns:
+            ``{t: loss}``.
+        """
+        losses = fixed_timestep_losses(
+            lambda x, t, n: self.diffusion_loss(model, x, t=t, noise=n, model_kwargs=model_kwargs),
+            x_start,
+            timesteps,
+            seed=seed,
+            batch_index=batch_index,
+            dataloader_index=dataloader_index,
+            num_timesteps=self.num_timesteps,
+        )
+        log_timestep_losses(self, losses, prefix=prefix, batch_size=x_start.shape[0])
+        return losses
+
     # --------------------------------------------------------------------------- embedding and checkpointing
     def embed_timesteps(self, t: Tensor, dim: int, max_period: float = 10000) -> Tensor:
         """Sinusoidal embedding of ``t`` (float32 ``(B, dim)``, cos first), from a cached module outside the tree."""
@@ -238,7 +250,7 @@ class DiffusionMixin(ScheduleHolder):
     @torch.no_grad()
     def ddim_sample(
         self,
-        model: Callable[..., Tensor],
+        model: Callable[..., Tensor] | None,
         shape: Sequence[int],
         *,
         num_steps: int = 50,
@@ -252,6 +264,7 @@ class DiffusionMixin(ScheduleHolder):
         return_intermediates: bool = False,
         x_T: Tensor | None = None,  # noqa: N803 (the DDIM papers' and the core's name)
         clip_x0: float | None = None,
+        scheduler: Any = None,
     ) -> Tensor | tuple[Tensor, dict[str, list[Tensor]]]:
         r"""Sample with DDIM (:func:`~lightning_ldm.ddim.ddim_sample`) and classifier-free guidance.
 
@@ -261,7 +274,8 @@ class DiffusionMixin(ScheduleHolder):
         cast to the default dtype of that context.
 
         Args:
-            model: The network, called as ``model(x_t, t, **model_kwargs, **cond_kwargs)``.
+            model: The network, called as ``model(x_t, t, **model_kwargs, **cond_kwargs)``; ``None`` for
+                :meth:`apply_model`.
             shape: Shape of the samples, batch first.
             num_steps: Number of DDIM steps.
             method: ``"uniform"``, ``"quad"``, ``"linspace"`` or ``"trailing"``.
@@ -274,6 +288,10 @@ class DiffusionMixin(ScheduleHolder):
             return_intermediates: Also return ``{"x_inter": [...], "pred_x0": [...]}``.
             x_T: Starting noise of shape ``shape`` (drawn when ``None``).
             clip_x0: Clamp the predicted x0 to ``[-clip_x0, clip_x0]``.
+            scheduler: A diffusers-style scheduler (DPM-Solver++, Euler, UniPC, ...) built from
+                ``noise_schedule.to_diffusers_config()``, run instead of our DDIM (see
+                :func:`~lightning_ldm.scheduler_sampling.scheduler_sample`; ``method``, ``clip_x0`` and
+                ``return_intermediates`` do not apply).
 
         Returns:
             Samples (in ``x_T``'s dtype), or ``(samples, intermediates)``.
@@ -288,11 +306,18 @@ class DiffusionMixin(ScheduleHolder):
             raise ValueError(f"shape must start with a positive batch size, got {shape}")
         if x_T is not None and tuple(x_T.shape) != shape:
             raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected shape {shape}")
+        if scheduler is not None:
+            check_scheduler(scheduler)
         model_fn = guided_model(
-            model, shape[0], guidance_scale=guidance_scale, cond=cond, uncond=uncond, model_kwargs=model_kwargs
+            self.apply_model if model is None else model,
+            shape[0],
+            guidance_scale=guidance_scale,
+            cond=cond,
+            uncond=uncond,
+            model_kwargs=model_kwargs,
         )
         alphas_cumprod = self.alphas_cumprod
-        with eval_mode(model), self._precision_context():
+        with eval_mode(self if model is None else model), self._precision_context():
             device = alphas_cumprod.device
             if x_T is None:
                 draw_device = generator.device if generator is not None else device
@@ -300,6 +325,8 @@ class DiffusionMixin(ScheduleHolder):
                 x_T = x_T.to(device=device, dtype=torch.get_default_dtype())
             else:
                 x_T = x_T.to(device)
+            if scheduler is not None:
+                return scheduler_sample(model_fn, x_T, scheduler, num_steps=num_steps, eta=eta, generator=generator)
             sampler: Callable[..., Any] = _ddim_sample  # one call for both overloads
             return sampler(
                 model_fn,

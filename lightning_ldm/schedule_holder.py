@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_ldm.losses import LossWeighting
 from lightning_ldm.noise_schedule import (
     SCHEDULE_TABLES,
     NoiseSchedule,
@@ -201,6 +202,38 @@ class ScheduleHolder(_Base):
                 f"{type(self).__name__} lists DiffusionMixin after LightningModule/nn.Module, so its hooks never run; "
                 "write `class M(DiffusionMixin, L.LightningModule)`"
             )
+
+    # ------------------------------------------------------------------------------------- noising identities
+    # (q_sample, which draws its noise when none is given, is DiffusionMixin's)
+    def predict_start_from_noise(self, x_t: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """``x0 = √(1/ā_t)·x_t − √(1/ā_t − 1)·ε`` (:meth:`NoiseSchedule.predict_start_from_noise`)."""
+        return self.require_schedule().predict_start_from_noise(x_t, t, noise)
+
+    def get_v(self, x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """The v-prediction target ``√ā_t·ε − √(1−ā_t)·x`` (:meth:`NoiseSchedule.get_v`)."""
+        return self.require_schedule().get_v(x, noise, t)
+
+    def predict_start_from_z_and_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
+        """``x0 = √ā_t·x_t − √(1−ā_t)·v`` (:meth:`NoiseSchedule.predict_start_from_v`)."""
+        return self.require_schedule().predict_start_from_v(x_t, t, v)
+
+    def predict_eps_from_z_and_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
+        """``ε = √ā_t·v + √(1−ā_t)·x_t`` (:meth:`NoiseSchedule.predict_noise_from_v`)."""
+        return self.require_schedule().predict_noise_from_v(x_t, t, v)
+
+    def q_posterior(self, x_start: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean, variance and clipped log-variance of ``q(x_{t−1} | x_t, x_0)`` (:meth:`NoiseSchedule.q_posterior`)."""
+        return self.require_schedule().q_posterior(x_start, x_t, t)
+
+    def snr(self, t: Tensor) -> Tensor:
+        """Signal-to-noise ratio of each timestep, float32 ``(B,)`` (:meth:`NoiseSchedule.snr`)."""
+        return self.require_schedule().snr(t)
+
+    def loss_weights(
+        self, t: Tensor, loss_weighting: LossWeighting = "none", min_snr_gamma: float = 5.0
+    ) -> Tensor | None:
+        """Per-sample loss weights, float32 ``(B,)``, ``None`` for ``"none"`` (:meth:`NoiseSchedule.loss_weights`)."""
+        return self.require_schedule().loss_weights(t, loss_weighting, min_snr_gamma)
 
     # ------------------------------------------------------------------------------------ deprecated aliases
     def restore_schedule_tables(self) -> list[str]:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from lightning_ldm._checks import check_int
-from lightning_ldm.callbacks.schedule import derive_seed
+from lightning_ldm.seeding import derive_seed
 
 __all__ = [
     "FIXED_NOISE_STREAM",

@@ -130,7 +130,7 @@ def params(model: nn.Module) -> list[Tensor]:
         ({"method": "cosine"}, ValueError, r"method='cosine' is not supported; expected one of 'uniform'"),
         ({"eta": -0.1}, ValueError, r"eta=-0.1 is out of range"),
         ({"guidance_scale": 3.0}, ValueError, r"guidance_scale=3 needs both cond and uncond"),
-        ({"cond": [1.0]}, TypeError, r"cond must be a Tensor, a mapping of keyword arguments or None, got list"),
+        ({"cond": "text"}, TypeError, r"cond must be a Tensor, a list of Tensors, a mapping .* or None, got str"),
         ({"seed": -1}, ValueError, r"seed=-1 is out of range"),
         ({"value_range": (1, 0)}, ValueError, r"value_range=\(1, 0\) is empty"),
         ({"frame_dim": 3}, ValueError, r"frame_dim=3 is out of range; expected an integer in \[1, 2\]"),

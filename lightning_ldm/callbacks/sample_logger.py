@@ -27,15 +27,17 @@ from typing_extensions import override
 
 from lightning_ldm._checks import check_choice, check_int, check_real
 from lightning_ldm.callbacks.sample_writers import write_image, write_video
-from lightning_ldm.callbacks.schedule import derive_seed
 from lightning_ldm.ddim import DDIM_METHODS
+from lightning_ldm.latent import LatentDiffusionMixin
 from lightning_ldm.media import check_value_range, image_grid, to_uint8, video_grid
+from lightning_ldm.scheduler_sampling import check_scheduler
+from lightning_ldm.seeding import derive_seed
 
 __all__ = ["SampleLogger", "averaged_module"]
 
 log = logging.getLogger(__name__)
 
-Conditioning = Tensor | Mapping[str, Any] | None
+Conditioning = Tensor | Mapping[str, Any] | list[Any] | tuple[Any, ...] | None
 
 
 def averaged_module(callback: WeightAveraging) -> nn.Module | None:
@@ -110,16 +112,22 @@ def _floating_dtype(pl_module: pl.LightningModule) -> torch.dtype:
 
 
 def _check_cond(name: str, value: Any) -> Conditioning:
-    if value is not None and not isinstance(value, (Tensor, Mapping)):
-        raise TypeError(f"{name} must be a Tensor, a mapping of keyword arguments or None, got {type(value).__name__}")
+    if value is not None and not isinstance(value, (Tensor, Mapping, list, tuple)):
+        raise TypeError(
+            f"{name} must be a Tensor, a list of Tensors, a mapping (keyword arguments, or CompVis' dict of lists) or "
+            f"None, got {type(value).__name__}"
+        )
     return value
 
 
-def _to_device(value: Conditioning, device: torch.device) -> Conditioning:
+def _to_device(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor in it (through lists and dicts) moved to ``device``."""
     if isinstance(value, Tensor):
         return value.to(device)
     if isinstance(value, Mapping):
-        return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in value.items()}
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_device(v, device) for v in value]
     return value
 
 
@@ -188,6 +196,7 @@ class SampleLogger(Callback):
         frame_dim: int = 2,
         max_frames: int | None = None,
         fps: float = 8.0,
+        scheduler: Any = None,
     ) -> None:
         if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
             raise TypeError(f"shape must be a sequence of positive integers, got {type(shape).__name__}")
@@ -220,6 +229,9 @@ class SampleLogger(Callback):
         self.frame_dim = check_int("frame_dim", frame_dim, minimum=1, maximum=2)
         self.max_frames = None if max_frames is None else check_int("max_frames", max_frames, minimum=1)
         self.fps = check_real("fps", fps, minimum=0.0, min_inclusive=False)
+        if scheduler is not None:
+            check_scheduler(scheduler)
+        self.scheduler = scheduler
         self._noise = torch.randn(self.shape, generator=torch.Generator().manual_seed(self.seed), dtype=torch.float32)
         self._last_step: int | None = None
         #: The samples of the last logging (float32, CPU, as :meth:`sample` returned them), ``None`` before.
@@ -299,8 +311,10 @@ class SampleLogger(Callback):
     ) -> Tensor:
         """Make the samples: DDIM from ``noise``, then the first stage's decoder when the module has one.
 
-        The denoiser is ``pl_module.apply_model`` when it exists, else ``pl_module`` itself (``forward(x_t, t,
-        **kw)``). Runs with the module in eval mode and the weights to show already in place.
+        The denoiser is ``pl_module.apply_model`` (``forward(x_t, t, **kw)`` for a ``DiffusionMixin``; CompVis'
+        routing by conditioning key for a ``LatentDiffusionMixin``, whose :meth:`sample` also decodes). With a
+        ``scheduler`` (any diffusers-style scheduler) its loop runs instead of our DDIM. Runs with the module in eval
+        mode and the weights to show already in place.
 
         Args:
             trainer: The Trainer.
@@ -311,20 +325,21 @@ class SampleLogger(Callback):
         Returns:
             Samples ``(B, C, H, W)`` or ``(B, C, T, H, W)`` / ``(B, T, C, H, W)`` (see ``frame_dim``).
         """
-        denoiser = pl_module.apply_model if hasattr(pl_module, "apply_model") else pl_module
-        samples = pl_module.ddim_sample(  # type: ignore[operator]
-            denoiser,
-            noise.shape,
-            num_steps=self.num_steps,
-            method=self.method,
-            eta=self.eta,
-            generator=generator,
-            guidance_scale=self.guidance_scale,
-            cond=_to_device(self.cond, noise.device),
-            uncond=_to_device(self.uncond, noise.device),
-            x_T=noise,
-            clip_x0=self.clip_x0,
-        )
+        options: dict[str, Any] = {
+            "num_steps": self.num_steps,
+            "eta": self.eta,
+            "generator": generator,
+            "guidance_scale": self.guidance_scale,
+            "x_T": noise,
+        }
+        if self.scheduler is not None:
+            options["scheduler"] = self.scheduler
+        else:
+            options.update(method=self.method, clip_x0=self.clip_x0)
+        cond, uncond = _to_device(self.cond, noise.device), _to_device(self.uncond, noise.device)
+        if isinstance(pl_module, LatentDiffusionMixin):  # routes cond by its conditioning key, decodes
+            return pl_module.sample(noise.shape, cond=cond, uncond=uncond, **options)
+        samples = pl_module.ddim_sample(None, noise.shape, cond=cond, uncond=uncond, **options)  # type: ignore[operator]
         if getattr(pl_module, "first_stage", None) is not None:
             with torch.no_grad(), trainer.precision_plugin.forward_context():
                 samples = pl_module.decode_first_stage(samples)  # type: ignore[operator]

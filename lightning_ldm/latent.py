@@ -1,0 +1,216 @@
+r"""``LatentDiffusionMixin``: CompVis' ``LatentDiffusion`` interface on top of :class:`~lightning_ldm.DiffusionMixin`.
+
+A frozen first stage (:class:`~lightning_ldm.first_stage.FirstStage`: encode/decode with a fixed or fitted scale),
+CompVis' conditioning keys (``apply_model``) and condition dropout for classifier-free guidance, drawn from the
+same per-rank, per-batch generator as ``t`` and the noise::
+
+    class LDM(LatentDiffusionMixin, L.LightningModule):
+        def __init__(self, vae, unet):
+            super().__init__()
+            self.register_schedule(beta_schedule="linear", linear_start=0.00085, linear_end=0.012)
+            self.register_first_stage(vae, scale_by_std=True)
+            self.register_conditioning("crossattn", dropout=0.1)
+            self.model = unet  # apply_model calls self.model(x, t, context=...)
+
+        def training_step(self, batch, batch_idx):
+            return self.latent_diffusion_loss(batch["image"], cond=batch["context"])
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.trainable_parameters(), lr=1e-4)
+
+Code written against CompVis' ``LatentDiffusion`` (its samplers read ``apply_model``, ``num_timesteps``, the table
+names and ``parameterization``) runs against such a module unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_ldm._checks import check_choice, check_real
+from lightning_ldm.conditioning import (
+    COND_DICT_KEYS,
+    CONDITIONING_KEYS,
+    apply_conditioned,
+    as_cond_dict,
+    drop_conditions,
+)
+from lightning_ldm.first_stage import FirstStage
+from lightning_ldm.mixin import DiffusionMixin
+
+__all__ = ["LatentDiffusionMixin"]
+
+_KEY_USES = {"concat": ("c_concat",), "crossattn": ("c_crossattn",), "hybrid": COND_DICT_KEYS, "adm": ("c_crossattn",)}
+
+
+class LatentDiffusionMixin(DiffusionMixin):
+    """Latent diffusion for a ``LightningModule``: ``class M(LatentDiffusionMixin, L.LightningModule)``.
+
+    Attributes: ``first_stage`` (set by :meth:`register_first_stage`), ``conditioning_key`` and the dropout settings
+    (set by :meth:`register_conditioning`), ``denoiser_name`` (the attribute :meth:`apply_model` calls, ``"model"``
+    as in CompVis).
+    """
+
+    first_stage: FirstStage | None = None
+    conditioning_key: str | None = None
+    denoiser_name: str = "model"
+    _cond_dropout: dict[str, float] = {}  # noqa: RUF012 - replaced per instance
+    _null_cond: dict[str, Any] = {}  # noqa: RUF012 - replaced per instance
+
+    def register_first_stage(self, autoencoder: nn.Module, **options: Any) -> FirstStage:
+        """Wrap ``autoencoder`` in a frozen :class:`FirstStage` (``options`` are its keyword arguments) and keep it.
+
+        The first stage is a submodule (it follows ``.to(device)`` and its scale factor is saved in checkpoints);
+        its weights never train: leave them out of the optimizer with :meth:`trainable_parameters`.
+
+        Raises:
+            TypeError: ``autoencoder`` lacks a callable ``encode``/``decode``, or an option has the wrong type.
+            ValueError: An option is out of range.
+        """
+        self.first_stage = FirstStage(autoencoder, **options)
+        return self.first_stage
+
+    def register_conditioning(
+        self,
+        conditioning_key: str | None,
+        *,
+        dropout: float | Mapping[str, float] = 0.0,
+        null: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Set CompVis' conditioning key and the condition dropout of classifier-free guidance training.
+
+        Args:
+            conditioning_key: ``"concat"``, ``"crossattn"``, ``"hybrid"``, ``"adm"`` or ``None`` (unconditional).
+            dropout: Probability in [0, 1] that a training sample's condition is replaced by the null condition: one
+                number for every key the conditioning uses, or a mapping ``{"c_concat": p, "c_crossattn": q}``.
+            null: Null condition per key (``"c_concat"``/``"c_crossattn"``), e.g. the empty prompt's embedding;
+                zeros where none is given. Shapes: per sample, batch 1, or the batch's.
+
+        Raises:
+            ValueError: An unknown key, a probability outside [0, 1], or a dropout/null key the conditioning does not
+                use.
+            TypeError: A probability is not a real number.
+        """
+        if conditioning_key is not None:
+            check_choice("conditioning_key", conditioning_key, CONDITIONING_KEYS)
+        uses = _KEY_USES.get(conditioning_key or "", ())
+        probs = dict.fromkeys(uses, dropout) if not isinstance(dropout, Mapping) else dict(dropout)
+        for name, given in (("dropout", probs), ("null", dict(null or {}))):
+            unused = sorted(set(given) - set(uses))
+            if unused:
+                raise ValueError(
+                    f"{name} names {unused}, which conditioning_key={conditioning_key!r} does not use; expected keys "
+                    f"among {list(uses)}"
+                )
+        self._cond_dropout = {k: check_real(f"dropout[{k!r}]", p, minimum=0.0, maximum=1.0) for k, p in probs.items()}
+        self._null_cond = dict(null or {})
+        self.conditioning_key = conditioning_key
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters that require grad (the frozen first stage's are left out): what the optimizer should get."""
+        return (p for p in self.parameters() if p.requires_grad)
+
+    def _require_first_stage(self) -> FirstStage:
+        if self.first_stage is None:
+            raise RuntimeError(f"{type(self).__name__} has no first stage: call self.register_first_stage(...) first")
+        return self.first_stage
+
+    def encode_first_stage(self, x: Tensor) -> Tensor:
+        """Scaled latents of ``x``; on the first training batch with ``scale_by_std``, fit the scale first.
+
+        The posterior is sampled with ``diffusion_generator`` (the per-rank, per-batch generator), so resumed runs
+        draw the same latents. The scale is fitted once, on every DDP rank, from the latents pooled over ranks.
+        """
+        stage = self._require_first_stage()
+        if self.training and stage.needs_scale_fit:
+            raw = stage.encode(x, generator=self.diffusion_generator, scaled=False)
+            stage.fit_scale(raw)
+            return stage.scale_latents(raw).to(raw.dtype)
+        return stage.encode(x, generator=self.diffusion_generator)
+
+    def decode_first_stage(self, z: Tensor) -> Tensor:
+        """Decode scaled latents ``z`` with the first stage."""
+        return self._require_first_stage().decode(z)
+
+    def apply_model(self, x_t: Tensor, t: Tensor, cond: Any = None, **kwargs: Any) -> Tensor:
+        """CompVis' ``apply_model``: route ``cond`` into ``self.<denoiser_name>`` by ``conditioning_key``.
+
+        ``cond`` is a tensor, a list of tensors, or CompVis' dict ``{"c_concat": [...], "c_crossattn": [...]}``
+        (see :func:`~lightning_ldm.conditioning.apply_conditioned`).
+
+        Raises:
+            TypeError: Extra keyword arguments (CompVis' routing takes none).
+            ValueError: A condition the conditioning key does not use, or shapes that do not concatenate.
+        """
+        if kwargs:
+            raise TypeError(f"apply_model takes no keyword arguments besides cond; got {sorted(kwargs)}")
+        denoiser = getattr(self, self.denoiser_name)
+        if self.conditioning_key is None and cond is None:
+            return denoiser(x_t, t)
+        return apply_conditioned(denoiser, x_t, t, as_cond_dict(cond, self.conditioning_key), self.conditioning_key)
+
+    def drop_conditions(self, cond: Any) -> Any:
+        """In training mode, replace conditions by the null condition per sample with the registered probabilities.
+
+        Drawn from ``diffusion_generator``; the same draws on every rank for the same batch counter, and again after
+        a resume. Returns ``cond`` unchanged in eval mode or without dropout.
+        """
+        if not self.training or not self._cond_dropout or cond is None:
+            return cond
+        cond_dict = as_cond_dict(cond, self.conditioning_key)
+        dropped, _ = drop_conditions(cond_dict, self._cond_dropout, self._null_cond, generator=self.diffusion_generator)
+        return dropped
+
+    def latent_diffusion_loss(self, x: Tensor, cond: Any = None, *, encode: bool = True, **loss_options: Any) -> Tensor:
+        """The training loss of a latent diffusion model: encode, drop conditions, then :meth:`diffusion_loss`.
+
+        The draws come in a fixed order from ``diffusion_generator``: the posterior sample, the dropout masks, ``t``,
+        then the noise.
+
+        Args:
+            x: Images (``encode=True``) or latents (``encode=False``).
+            cond: The condition (see :meth:`apply_model`).
+            encode: Encode ``x`` with the first stage first.
+            **loss_options: Keyword arguments of :meth:`diffusion_loss` (``loss_weighting``, ``t``, ``noise``, ...).
+
+        Returns:
+            Scalar float32 loss.
+        """
+        z = self.encode_first_stage(x) if encode else x
+        cond = self.drop_conditions(cond)
+        return self.diffusion_loss(lambda x_t, t: self.apply_model(x_t, t, cond), z, **loss_options)
+
+    @torch.no_grad()
+    def sample(
+        self, shape: Any, *, cond: Any = None, uncond: Any = None, decode: bool = True, **sample_options: Any
+    ) -> Tensor:
+        """Sample latents with :meth:`ddim_sample` through :meth:`apply_model`, then decode them.
+
+        ``cond``/``uncond`` are given in any form :meth:`apply_model` takes (dicts of lists included); with
+        ``guidance_scale != 1`` both run as one batch.
+
+        Args:
+            shape: Latent shape, batch first.
+            cond: The condition.
+            uncond: The unconditional condition (e.g. the null condition), for guidance.
+            decode: Decode with the first stage (when one is registered).
+            **sample_options: Keyword arguments of :meth:`ddim_sample` (``num_steps``, ``guidance_scale``,
+                ``scheduler``, ``generator``, ``x_T``, ...).
+
+        Returns:
+            Images (decoded) or latents.
+        """
+        if sample_options.pop("return_intermediates", False):
+            raise ValueError("sample() returns the final samples only; call ddim_sample(None, ...) for intermediates")
+        wrap = None if cond is None else {"cond": cond}
+        uwrap = None if uncond is None else {"cond": uncond}
+        z = self.ddim_sample(None, shape, cond=wrap, uncond=uwrap, **sample_options)
+        if not isinstance(z, Tensor):  # pragma: no cover - return_intermediates was refused above
+            raise TypeError(f"ddim_sample returned {type(z).__name__}")
+        if not decode or self.first_stage is None:
+            return z
+        with self._precision_context():
+            return self.decode_first_stage(z)
