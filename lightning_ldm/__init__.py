@@ -11,13 +11,19 @@ from typing import TYPE_CHECKING, Any
 
 from lightning_ldm.blending import AlphaBlender
 from lightning_ldm.checkpointing import CheckpointFunction, checkpoint
+from lightning_ldm.conditioning import CONDITIONING_KEYS, apply_conditioned, as_cond_dict, drop_conditions
 from lightning_ldm.config import ConfigImportError, HybridConditioner, get_obj_from_str, instantiate_from_config
 from lightning_ldm.ddim import DDIMMethod, ddim_sample, ddim_step, make_ddim_sampling_parameters, make_ddim_timesteps
 from lightning_ldm.embedding import SinusoidalTimestepEmbedding, timestep_embedding
+from lightning_ldm.first_stage import FirstStage
+from lightning_ldm.guidance import guided_model
 from lightning_ldm.interop import from_diffusers_config, to_diffusers_config
+from lightning_ldm.losses import diffusion_loss, min_snr_weights
 from lightning_ldm.metrics import TimestepBucketLoss
 from lightning_ldm.nn import avg_pool_nd, extract_into_tensor, mean_flat, noise_like, scale_module, zero_module
+from lightning_ldm.noise_schedule import NoiseSchedule, ScheduleConfig
 from lightning_ldm.noising import get_v, predict_noise_from_v, predict_start_from_noise, predict_start_from_v, q_sample
+from lightning_ldm.scheduler_sampling import scheduler_sample
 from lightning_ldm.schedules import (
     ScheduleName,
     betas_for_alpha_bar,
@@ -28,16 +34,27 @@ from lightning_ldm.schedules import (
     snr,
 )
 from lightning_ldm.timestep_samplers import LogitNormalSampler, LossAwareSampler, TimestepSampler, UniformSampler
+from lightning_ldm.validation import fixed_noise, fixed_timestep_losses
 
 if TYPE_CHECKING:
-    from lightning_ldm.callbacks import AlphaBlenderMonitor, GradientCheckpointing, ScheduleCallback
+    from lightning_ldm.callbacks import (
+        AlphaBlenderMonitor,
+        GradientCheckpointing,
+        SampleLogger,
+        ScheduleCallback,
+        TimestepLossMonitor,
+    )
+    from lightning_ldm.latent import LatentDiffusionMixin
     from lightning_ldm.mixin import DiffusionMixin
 
 __version__ = "0.1.0.dev0"
 
 _LAZY = {
     "DiffusionMixin": "lightning_ldm.mixin",
+    "LatentDiffusionMixin": "lightning_ldm.latent",
+    "SampleLogger": "lightning_ldm.callbacks",
     "ScheduleCallback": "lightning_ldm.callbacks",
+    "TimestepLossMonitor": "lightning_ldm.callbacks",
     "GradientCheckpointing": "lightning_ldm.callbacks",
     "AlphaBlenderMonitor": "lightning_ldm.callbacks",
 }
@@ -53,37 +70,52 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "CONDITIONING_KEYS",
     "AlphaBlender",
     "AlphaBlenderMonitor",
     "CheckpointFunction",
     "ConfigImportError",
     "DDIMMethod",
     "DiffusionMixin",
+    "FirstStage",
     "GradientCheckpointing",
     "HybridConditioner",
+    "LatentDiffusionMixin",
     "LogitNormalSampler",
     "LossAwareSampler",
+    "NoiseSchedule",
+    "SampleLogger",
     "ScheduleCallback",
+    "ScheduleConfig",
     "ScheduleName",
     "SinusoidalTimestepEmbedding",
     "TimestepBucketLoss",
+    "TimestepLossMonitor",
     "TimestepSampler",
     "UniformSampler",
+    "apply_conditioned",
+    "as_cond_dict",
     "avg_pool_nd",
     "betas_for_alpha_bar",
     "checkpoint",
     "ddim_sample",
     "ddim_step",
+    "diffusion_loss",
+    "drop_conditions",
     "extract_into_tensor",
+    "fixed_noise",
+    "fixed_timestep_losses",
     "from_diffusers_config",
     "get_obj_from_str",
     "get_v",
+    "guided_model",
     "instantiate_from_config",
     "log_snr",
     "make_beta_schedule",
     "make_ddim_sampling_parameters",
     "make_ddim_timesteps",
     "mean_flat",
+    "min_snr_weights",
     "noise_like",
     "predict_noise_from_v",
     "predict_start_from_noise",
@@ -92,6 +124,7 @@ __all__ = [
     "rescale_zero_terminal_snr",
     "scale_module",
     "schedule_tables",
+    "scheduler_sample",
     "snr",
     "timestep_embedding",
     "to_diffusers_config",

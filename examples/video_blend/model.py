@@ -366,18 +366,15 @@ class VideoDenoiser(DiffusionMixin, L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        """Denoising loss on video clips at the fixed timestep grid with fixed noise (unweighted, comparable)."""
-        video = batch["video"]
-        kwargs = {"image_only_indicator": batch["image_only_indicator"]}
-        losses = []
-        for i, step in enumerate(self.hparams["eval_timesteps"]):
-            generator = torch.Generator().manual_seed(self.hparams["eval_seed"] + 1009 * batch_idx + i)
-            noise = torch.randn(video.shape, generator=generator).to(video)
-            t = torch.full((video.shape[0],), step, dtype=torch.long, device=video.device)
-            loss = self.diffusion_loss(self.net, video, t=t, noise=noise, model_kwargs=kwargs, loss_weighting="none")
-            self.log(f"val/loss_t{step:03d}", loss, batch_size=video.shape[0], sync_dist=True)
-            losses.append(loss)
-        self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=video.shape[0], sync_dist=True)
+        """Denoising loss at the fixed timestep grid with fixed noise (unweighted, comparable across runs)."""
+        self.fixed_timestep_loss(
+            self.net,
+            batch["video"],
+            self.hparams["eval_timesteps"],
+            batch_index=batch_idx,
+            seed=self.hparams["eval_seed"],
+            model_kwargs={"image_only_indicator": batch["image_only_indicator"]},
+        )
 
     def configure_optimizers(self) -> Any:
         """AdamW with a linear warm-up and a cosine decay to 10 % of the peak rate over ``trainer.max_steps``."""

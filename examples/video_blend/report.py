@@ -18,15 +18,15 @@ matplotlib.use("Agg")  # no display needed; must precede pyplot
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 from torch import Tensor
+
+from lightning_ldm.media import to_uint8
 
 __all__ = [
     "centres_of_mass",
     "motion_stats",
     "plot_training",
     "read_metrics",
-    "write_gif",
     "write_summary",
 ]
 
@@ -110,52 +110,12 @@ def motion_stats(
     }
 
 
-# ---------------------------------------------------------------------------------------------------------------- GIF
-def _to_uint8(frames: Tensor) -> np.ndarray:
-    """``(..., C, H, W)`` in ``[-1, 1]`` → ``(..., H, W, 3)`` uint8."""
-    x = ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+def _rgb(frames: Tensor) -> np.ndarray:
+    """``(..., C, H, W)`` in ``[-1, 1]`` → ``(..., H, W, 3)`` uint8 for matplotlib."""
+    x = to_uint8(frames)
     if x.shape[-3] == 1:
         x = x.expand(*x.shape[:-3], 3, *x.shape[-2:])
     return x.movedim(-3, -1).numpy()
-
-
-def write_gif(
-    path: Path, rows: Mapping[str, Tensor], *, scale: int = 4, frame_ms: int = 150, label_width: int = 96
-) -> Path:
-    """Write an animated GIF with one labelled row of clips per entry of ``rows``.
-
-    Args:
-        path: Output file.
-        rows: Label → ``(N, T, C, H, W)`` clips in ``[-1, 1]`` (same T, H, W for every row).
-        scale: Nearest-neighbour upscaling of each pixel.
-        frame_ms: Duration of each frame.
-        label_width: Width in pixels of the label column.
-
-    Returns:
-        ``path``.
-    """
-    clips = {label: _to_uint8(x) for label, x in rows.items()}
-    first = next(iter(clips.values()))
-    frames, height, width = first.shape[1], first.shape[2] * scale, first.shape[3] * scale
-    gap = 2
-    columns = max(x.shape[0] for x in clips.values())
-    canvas_w = label_width + columns * (width + gap)
-    canvas_h = len(clips) * (height + gap)
-    images = []
-    for k in range(frames):
-        canvas = Image.new("RGB", (canvas_w, canvas_h), (40, 40, 40))
-        draw = ImageDraw.Draw(canvas)
-        for r, (label, x) in enumerate(clips.items()):
-            top = r * (height + gap)
-            draw.text((4, top + height // 2 - 6), label, fill=(230, 230, 230))
-            for c in range(x.shape[0]):
-                tile = Image.fromarray(x[c, k]).resize((width, height), Image.Resampling.NEAREST)
-                canvas.paste(tile, (label_width + c * (width + gap), top))
-        draw.text((4, canvas_h - 12), f"frame {k}", fill=(200, 200, 90))
-        images.append(canvas)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    images[0].save(path, save_all=True, append_images=images[1:], duration=frame_ms, loop=0)
-    return path
 
 
 def write_frame_strip(path: Path, rows: Mapping[str, Tensor], *, clips_per_row: int = 3) -> Path:
@@ -175,7 +135,7 @@ def write_frame_strip(path: Path, rows: Mapping[str, Tensor], *, clips_per_row: 
     n_rows = len(labels) * clips_per_row
     fig, axes = plt.subplots(n_rows, frames, figsize=(0.9 * frames + 1.2, 0.9 * n_rows), squeeze=False)
     for i, label in enumerate(labels):
-        images = _to_uint8(rows[label][:clips_per_row])
+        images = _rgb(rows[label][:clips_per_row])
         for j in range(clips_per_row):
             for k in range(frames):
                 ax = axes[i * clips_per_row + j, k]

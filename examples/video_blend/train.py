@@ -45,10 +45,10 @@ from examples.video_blend.report import (
     plot_training,
     read_metrics,
     write_frame_strip,
-    write_gif,
     write_summary,
 )
 from lightning_ldm import AlphaBlender
+from lightning_ldm.media import write_labelled_gif
 
 log = logging.getLogger("examples.video_blend")
 
@@ -190,11 +190,9 @@ def _train_and_evaluate(cli: VideoBlendCLI, options: ReportOptions) -> dict[str,
     samples = _sample(model, data, options)
     sample_seconds = time.perf_counter() - start
 
-    val_by_t = {
-        int(key.split("_t")[-1]): float(value) for key, value in metrics.items() if key.startswith("val/loss_t")
-    }
+    val_by_t = {int(key.split("t=")[-1]): float(value) for key, value in metrics.items() if "/t=" in key}
     return {
-        "val_loss": float(metrics["val/loss"]),
+        "val_loss": float(metrics["val/loss/mean"]),
         "val_loss_by_t": val_by_t,
         "motion": motion_stats(samples),
         "alphas": _final_alphas(model),
@@ -269,7 +267,7 @@ def main(args: ArgsType = None) -> dict[str, Any]:
         results[name]["train_loss_end"] = sum(losses) / len(losses) if losses else float("nan")
     rows = {"training clips": reference[: options.num_shown]}
     rows.update({name: result["samples"][: options.num_shown] for name, result in results.items()})
-    gif = write_gif(run_dir / "samples.gif", rows, scale=options.scale, frame_ms=options.frame_ms)
+    gif = write_labelled_gif(run_dir / "samples.gif", rows, scale=options.scale, frame_ms=options.frame_ms)
     strip = write_frame_strip(run_dir / "samples.png", rows)
     figure = plot_training(
         run_dir / "training.png", metrics, {name: result["val_loss_by_t"] for name, result in results.items()}
