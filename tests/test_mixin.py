@@ -816,9 +816,10 @@ def test_a_bad_sampler_output_is_refused() -> None:
 
 
 def test_scheduled_sampler_from_the_package_plugs_in() -> None:
-    samplers = pytest.importorskip("lightning_ldm.timestep_samplers")
+    from lightning_ldm.timestep_samplers import UniformSampler
+
     model = bare(timesteps=100)
-    model.timestep_sampler = samplers.UniformSampler()
+    model.timestep_sampler = UniformSampler()
     model.diffusion_generator = torch.Generator().manual_seed(5)
     t = model.sample_timesteps(6)
     assert torch.equal(t, torch.randint(0, 100, (6,), generator=torch.Generator().manual_seed(5)))

@@ -14,7 +14,7 @@ from lightning_ldm.noising import (
 )
 
 T = 1000
-# Stable Diffusion's schedule (the seed's "linear" = diffusers' "scaled_linear"), in float64 with numpy
+# Stable Diffusion's schedule (CompVis' "linear" = diffusers' "scaled_linear"), in float64 with numpy
 BETAS = np.linspace(0.00085**0.5, 0.012**0.5, T, dtype=np.float64) ** 2
 AC = np.cumprod(1.0 - BETAS)
 TABLES64 = {
@@ -108,42 +108,8 @@ def test_validate_false_gives_same_numbers():
     assert torch.equal(a, b)
 
 
-# --- parity with diffusers ----------------------------------------------------------------------------------------
-
-diffusers = pytest.importorskip("diffusers")
-
-
-@pytest.fixture(scope="module")
-def scheduler():
-    return diffusers.DDPMScheduler(
-        num_train_timesteps=T, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
-    )
-
-
-def test_q_sample_parity_with_diffusers_add_noise_float32(scheduler):
-    x0, eps = sample((64, 4, 8, 8), seed=2)
-    t = torch.randint(0, T, (64,), generator=torch.Generator().manual_seed(3))
-    t[:4] = torch.tensor([0, 1, 998, 999])
-    ref = scheduler.add_noise(x0, eps, t)
-    # with diffusers' own float32 tables: bitwise equal
-    ac = scheduler.alphas_cumprod
-    assert torch.equal(q_sample(x0, t, eps, ac**0.5, (1 - ac) ** 0.5), ref)
-    # with float64-derived tables (ours): diffusers' float32 cumprod drifts by < 1e-6 in the coefficients;
-    # measured largest difference 2.6e-6 on unit-normal data
-    diff = (q_sample(x0, t, eps, TABLES["sqrt_ac"], TABLES["sqrt_1m_ac"]) - ref).abs().max().item()
-    assert diff < 5e-6
-
-
-def test_get_v_parity_with_diffusers_get_velocity(scheduler):
-    x0, eps = sample((16, 4, 4, 4), seed=4)
-    t = torch.linspace(0, T - 1, 16).long()
-    ac = scheduler.alphas_cumprod
-    ours = get_v(x0, eps, t, ac**0.5, (1 - ac) ** 0.5)
-    torch.testing.assert_close(ours, scheduler.get_velocity(x0, eps, t), rtol=0, atol=1e-6)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_samples_get_correct_noise_at_small_t(dtype, scheduler):
+def test_half_precision_samples_get_correct_noise_at_small_t(dtype):
     x0, eps = sample((6, 4, 8, 8), seed=5, dtype=dtype)
     t = torch.tensor([0, 1, 0, 1, 10, 10])
     out = q_sample(x0, t, eps, TABLES["sqrt_ac"], TABLES["sqrt_1m_ac"])
@@ -156,9 +122,6 @@ def test_half_precision_samples_get_correct_noise_at_small_t(dtype, scheduler):
     assert ((out.double() - exact).abs() <= ulp).all()
     # the noise is really there: at t = 0 the noise term is √(1−ā_0)·ε ≈ 0.029·ε
     assert not torch.equal(out[:4], x0[:4])
-    if dtype == torch.bfloat16:
-        # the trap: diffusers casts ā to bf16 first, 0.99915 rounds to 1 and the noise vanishes
-        assert torch.equal(scheduler.add_noise(x0, eps, t)[:4], x0[:4])
 
 
 # --- errors -------------------------------------------------------------------------------------------------------
