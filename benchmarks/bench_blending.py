@@ -1,7 +1,7 @@
-"""AlphaBlender: ours vs the seed formula ``α·x_s + (1−α)·x_t`` in eager torch, on a 5-D video tensor.
+"""AlphaBlender: ours vs the reference formula ``α·x_s + (1−α)·x_t`` in eager torch, on a 5-D video tensor.
 
 The layout is Stable Video Diffusion's VideoResBlock: ``(B, C, T, H, W)`` tensors, ``learned_with_images``, pattern
-``"b t -> b 1 t 1 1"``, the ``(B, T)`` image-only indicator all false (video frames). The seed module is rebuilt
+``"b t -> b 1 t 1 1"``, the ``(B, T)`` image-only indicator all false (video frames). The reference module is rebuilt
 here from the reference code (sgm's AlphaBlender): ``where`` + ``rearrange`` for α, then three elementwise passes.
 """
 
@@ -21,7 +21,7 @@ GOAL = 0.45
 
 
 class SeedAlphaBlender(nn.Module):
-    """The reference ``learned_with_images`` blender, as the seed writes it."""
+    """The reference ``learned_with_images`` blender, as CompVis writes it."""
 
     def __init__(self, alpha: float, rearrange_pattern: str) -> None:
         super().__init__()
@@ -56,9 +56,9 @@ def run(cfg: Config) -> list[Result]:
         if a.dtype != b.dtype or a.shape != b.shape:
             raise AssertionError(f"AlphaBlender: ours {a.dtype} {tuple(a.shape)}, seed {b.dtype} {tuple(b.shape)}")
         max_diff = float((a.float() - b.float()).abs().max())
-        tol = 1e-5 if dtype == torch.float32 else 2e-2  # lerp rounds once, the seed three times
+        tol = 1e-5 if dtype == torch.float32 else 2e-2  # lerp rounds once, CompVis three times
         if max_diff > tol:
-            raise AssertionError(f"AlphaBlender {dtype}: ours differs from the seed formula by {max_diff}")
+            raise AssertionError(f"AlphaBlender {dtype}: ours differs from the reference formula by {max_diff}")
 
         def fwd(module: nn.Module, x_s: Tensor = x_s, x_t: Tensor = x_t) -> Tensor:
             with torch.no_grad():
@@ -84,7 +84,7 @@ def run(cfg: Config) -> list[Result]:
             Result(
                 "AlphaBlender",
                 f"{case}, forward (no grad)",
-                "ours / seed formula",
+                "ours / reference formula",
                 timing.ratio("ours", "seed"),
                 goal,
                 context=f"ours {us(m['ours'])}, seed {us(m['seed'])}; max |ours - seed| = {max_diff:.2g}",
@@ -96,7 +96,7 @@ def run(cfg: Config) -> list[Result]:
             Result(
                 "AlphaBlender",
                 f"{case}, forward + backward",
-                "ours / seed formula",
+                "ours / reference formula",
                 timing.ratio("ours_train", "seed_train"),
                 None,
                 context=f"ours {us(m['ours_train'])}, seed {us(m['seed_train'])} (grads of both inputs and mix_factor)",

@@ -1,6 +1,6 @@
 """Gradient checkpointing on an 8-block residual stack: bytes kept for backward and step time.
 
-Variants: no checkpointing; ours (``lightning_ldm.checkpoint``, the seed's reentrant engine, hardened); ours with
+Variants: no checkpointing; ours (``lightning_ldm.checkpoint``, CompVis' reentrant engine, hardened); ours with
 ``use_reentrant=False`` (delegates to torch); ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``.
 
 Bytes kept for backward: every tensor autograd saves during the forward pass, seen by

@@ -1,6 +1,6 @@
 """Timestep embedding: ours (function and module) vs diffusers' get_timestep_embedding, outputs bitwise equal.
 
-diffusers (``flip_sin_to_cos=True, downscale_freq_shift=0``) gives the seed's numbers: it rebuilds the frequency row
+diffusers (``flip_sin_to_cos=True, downscale_freq_shift=0``) gives CompVis' numbers: it rebuilds the frequency row
 and concatenates sin/cos then flips them on every call. Ours caches the frequency row and, for integer timesteps on
 the CPU (the training case), a table of whole embeddings; fractional timesteps take the direct path (reported too).
 """

@@ -4,7 +4,7 @@ r"""AlphaBlender: mix a spatial and a temporal branch, as Stable Video Diffusion
 
     \mathrm{out} = \alpha \cdot x_{\mathrm{spatial}} + (1 - \alpha) \cdot x_{\mathrm{temporal}}
 
-computed as one ``torch.lerp(x_temporal, x_spatial, α)`` (one pass over memory instead of the seed's three, and
+computed as one ``torch.lerp(x_temporal, x_spatial, α)`` (one pass over memory instead of CompVis' three, and
 exactly ``x_spatial`` where ``α = 1``, exactly ``x_temporal`` where ``α = 0``). ``α`` comes from the merge strategy:
 
 * ``"fixed"``: ``α = mix_factor`` (a buffer, no sigmoid), ``alpha`` must lie in ``[0, 1]``;
@@ -139,7 +139,7 @@ class AlphaBlender(nn.Module):
         alpha = self.get_alpha(image_only_indicator)
         if alpha.ndim > 1:
             alpha = self._align(alpha, x_spatial)
-        if x_temporal.dtype != x_spatial.dtype:  # the seed's formula, with its type promotion
+        if x_temporal.dtype != x_spatial.dtype:  # CompVis' formula, with its type promotion
             return alpha.to(x_spatial.dtype) * x_spatial + (1.0 - alpha).to(x_spatial.dtype) * x_temporal
         return torch.lerp(x_temporal, x_spatial, alpha.to(x_spatial.dtype))
 

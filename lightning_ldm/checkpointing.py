@@ -1,7 +1,7 @@
 """Gradient checkpointing that recomputes exactly what the forward pass computed.
 
-``checkpoint(func, inputs, params, flag)`` keeps the seed's signature and its reentrant engine
-(:class:`CheckpointFunction`), and fixes what the seed gets wrong:
+``checkpoint(func, inputs, params, flag)`` keeps CompVis' signature and its reentrant engine
+(:class:`CheckpointFunction`), and fixes what CompVis gets wrong:
 
 * **Autocast.** Lightning runs ``backward`` outside the autocast region, so a checkpoint that does not carry the
   autocast state recomputes in float32 under ``precision="bf16-mixed"``/``"16-mixed"`` and the gradients silently
@@ -14,12 +14,12 @@
   unchanged and get no gradient; a list/tuple/dict input that holds a tensor requiring grad is refused at forward time
   (its gradient would be lost silently).
 * **Parameters.** When ``func`` is an ``nn.Module``, a bound method of one, or a ``functools.partial`` of either,
-  that module's parameters requiring grad that are missing from ``params`` are added (the seed silently leaves them
+  that module's parameters requiring grad that are missing from ``params`` are added (CompVis silently leaves them
   without gradient). Parameters used by any other callable (a closure, a lambda) cannot be seen: pass them in
   ``params`` or use ``use_reentrant=False``.
 * **Backward twice.** The graph can be backpropagated again with ``retain_graph=True`` (each backward recomputes);
   without it, a second backward raises torch's ``RuntimeError`` ("Trying to backward through the graph a second
-  time") instead of the seed's ``AttributeError``.
+  time") instead of CompVis' ``AttributeError``.
 
 ``use_reentrant=False`` hands the call to ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``, which tracks
 every parameter itself and works with DDP ``find_unused_parameters=True`` (the reentrant engine does not).
@@ -232,7 +232,7 @@ def checkpoint(
             When ``func`` is an ``nn.Module`` or a bound method of one, its parameters requiring grad are added.
             Duplicates (and tensors already among ``inputs``) are kept once, so none gets its gradient twice.
         flag: ``False`` evaluates ``func(*inputs)`` directly, without checkpointing.
-        use_reentrant: ``True`` (the seed's engine, :class:`CheckpointFunction`); ``False`` delegates to
+        use_reentrant: ``True`` (CompVis' engine, :class:`CheckpointFunction`); ``False`` delegates to
             ``torch.utils.checkpoint.checkpoint(use_reentrant=False)`` (needed for DDP ``find_unused_parameters``).
         preserve_rng_state: Restore the RNG state for the recomputation so dropout draws the same mask.
 

@@ -55,7 +55,7 @@ PARAMETERIZATIONS: tuple[str, ...] = get_args(Parameterization)
 
 
 def _seed_steps(method: str, n: int, total: int) -> np.ndarray:
-    """The seed's 'uniform'/'quad' steps, +1 offset included (may reach ``total``: callers check)."""
+    """CompVis' 'uniform'/'quad' steps, +1 offset included (may reach ``total``: callers check)."""
     if method == "uniform":
         c = total // n
         steps = np.asarray(list(range(0, total, c)))
@@ -95,7 +95,7 @@ def make_ddim_timesteps(
         Ascending int64 steps, every one a valid index into a ``T``-entry table.
 
     Raises:
-        ValueError: Unknown method (the seed raises ``NotImplementedError``: here it is a ``ValueError`` listing
+        ValueError: Unknown method (CompVis raises ``NotImplementedError``: here it is a ``ValueError`` listing
             the methods); ``n < 1``, ``T < 1`` or ``n > T``; or ``"uniform"``/``"quad"`` steps that would reach
             ``T`` (for ``T = 1000``, ``"uniform"`` with ``n`` in {3, 9, 27, 36, 37, 101–111, 251–333, 501–1000}):
             the message names the methods that work for these arguments.
@@ -111,7 +111,7 @@ def make_ddim_timesteps(
             working = [m for m in ("uniform", "quad") if _seed_steps(m, n, T)[-1] < T] + ["linspace", "trailing"]
             raise ValueError(
                 f"make_ddim_timesteps({ddim_discr_method!r}, num_ddim_timesteps={n}, num_ddpm_timesteps={T}): the "
-                f"seed's +1 offset puts the last step at {int(steps[-1])}, outside the valid timesteps [0, {T - 1}]. "
+                f"CompVis' +1 offset puts the last step at {int(steps[-1])}, outside the valid timesteps [0, {T - 1}]. "
                 f"Methods that work for these arguments: {', '.join(map(repr, working))}"
             )
     elif ddim_discr_method == "linspace":
@@ -157,7 +157,7 @@ def _alphacums_as_numpy(alphacums: ArrayLike | Tensor, name: str = "alphacums") 
 
 
 def _sampling_parameters(ac: np.ndarray, steps: np.ndarray, eta: float) -> tuple[np.ndarray, ...]:
-    """Float64 (sigmas, alphas, alphas_prev) with the seed's formula; raise where sigma is undefined."""
+    """Float64 (sigmas, alphas, alphas_prev) with CompVis' formula; raise where sigma is undefined."""
     alphas = ac[steps]
     alphas_prev = np.asarray([ac[0], *ac[steps[:-1]].tolist()])
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -183,13 +183,13 @@ def make_ddim_sampling_parameters(
 def make_ddim_sampling_parameters(
     alphacums: ArrayLike | Tensor, ddim_timesteps: ArrayLike | Tensor, eta: float, verbose: bool = True
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | tuple[Tensor, Tensor, Tensor]:
-    r"""The seed's DDIM ``(sigmas, alphas, alphas_prev)`` for the selected steps.
+    r"""CompVis' DDIM ``(sigmas, alphas, alphas_prev)`` for the selected steps.
 
     ``alphas = ā[ts]``, ``alphas_prev = [ā[0], ā[ts[0]], …, ā[ts[n−2]]]`` (the first "previous" is ``ā[0]``, not
     1), ``sigmas = eta·√((1 − a_prev)/(1 − a)·(1 − a/a_prev))`` (eq. 16 of Song et al.). A step with
-    ``a = a_prev = 1`` (a zero beta at t = 0) gets ``σ = 0`` instead of the seed's NaN.
+    ``a = a_prev = 1`` (a zero beta at t = 0) gets ``σ = 0`` instead of CompVis' NaN.
 
-    Computed in float64. One consistent type out (the seed mixes numpy and torch for tensor input): a tensor
+    Computed in float64. One consistent type out (CompVis mixes numpy and torch for tensor input): a tensor
     ``alphacums`` gives tensors of its dtype on its device; anything else gives numpy arrays of ``alphacums``'s
     floating dtype (float64 for lists).
 
@@ -284,7 +284,7 @@ def ddim_step(
     noise: Tensor | None = None,
     clip_x0: float | None = None,
 ) -> tuple[Tensor, Tensor]:
-    r"""One DDIM update ``x_t → x_prev`` (the seed's ``p_sample_ddim`` arithmetic), in float32.
+    r"""One DDIM update ``x_t → x_prev`` (CompVis' ``p_sample_ddim`` arithmetic), in float32.
 
     ``x0`` and ``ε`` from the model output (see the module's table), ``x0`` clamped to ``[−clip_x0, clip_x0]`` when
     given (``ε`` is not recomputed from the clamped ``x0``, as in diffusers' default), then
@@ -351,7 +351,7 @@ def ddim_step(
 @overload
 def ddim_sample(
     model_fn: Callable[[Tensor, Tensor], Tensor],
-    x_T: Tensor,  # noqa: N803 (the seed's name)
+    x_T: Tensor,  # noqa: N803 (CompVis' name)
     alphas_cumprod: ArrayLike | Tensor,
     *,
     num_steps: int = 50,
@@ -365,7 +365,7 @@ def ddim_sample(
 @overload
 def ddim_sample(
     model_fn: Callable[[Tensor, Tensor], Tensor],
-    x_T: Tensor,  # noqa: N803 (the seed's name)
+    x_T: Tensor,  # noqa: N803 (CompVis' name)
     alphas_cumprod: ArrayLike | Tensor,
     *,
     num_steps: int = 50,
@@ -379,7 +379,7 @@ def ddim_sample(
 @torch.no_grad()
 def ddim_sample(
     model_fn: Callable[[Tensor, Tensor], Tensor],
-    x_T: Tensor,  # noqa: N803 (the seed's name)
+    x_T: Tensor,  # noqa: N803 (CompVis' name)
     alphas_cumprod: ArrayLike | Tensor,
     *,
     num_steps: int = 50,
@@ -396,7 +396,7 @@ def ddim_sample(
     intermediates each step is then ``x ← A·x + B·o (+ σ·z)``, two or three kernels besides the model (the update
     of :func:`ddim_step`, regrouped: ``A = √a_prev·p + d·r``, ``B = √a_prev·q + d·s``). The sample is kept in
     float32; the model gets it in ``x_T``'s dtype, with ``t`` as a ``(B,)`` int64 tensor of the step (for
-    ``"uniform"``/``"quad"`` the +1-offset value, as the seed's sampler passes it).
+    ``"uniform"``/``"quad"`` the +1-offset value, as CompVis' sampler passes it).
 
     Args:
         model_fn: ``model_fn(x_t, t) -> output`` in ``parameterization``, shape of ``x_t`` (bf16 is fine).

@@ -8,10 +8,10 @@ For ``half = dim // 2`` frequencies
     \mathrm{emb}(t) = [\cos(t f_0), \dots, \cos(t f_{\mathrm{half}-1}), \sin(t f_0), \dots, \sin(t f_{\mathrm{half}-1})]
 
 with :math:`P` = ``max_period``, all in float32, cos first, and one zero column appended when ``dim`` is odd. The
-numbers are bitwise those of the seed's ``timestep_embedding`` and of diffusers'
+numbers are bitwise those of CompVis' ``timestep_embedding`` and of diffusers'
 ``get_timestep_embedding(t, dim, flip_sin_to_cos=True, downscale_freq_shift=0)``.
 
-The seed rebuilds the frequency table on every call and concatenates three temporaries; here the frequency row is
+CompVis rebuilds the frequency table on every call and concatenates three temporaries; here the frequency row is
 built once per ``(dim, max_period, device)`` and cos/sin are written straight into one preallocated output (same
 kernels, same bits). Integer timesteps on the CPU, the common case in training, are gathered from a cached table of
 whole embeddings, computed once by those same kernels: elementwise kernels give each element the same bits whatever
@@ -125,12 +125,12 @@ def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000, r
 
     Args:
         timesteps: 1-D tensor of ``N`` timesteps, one per sample; integer or floating (fractional values allowed).
-            They are converted to float32 first, as the seed does: pass integers or float32, not bf16 (bf16 turns
+            They are converted to float32 first, as CompVis does: pass integers or float32, not bf16 (bf16 turns
             999 into 1000).
-        dim: Width of the embedding, ``>= 1``. ``dim = 1`` gives one zero column (the seed gives shape ``(N, 0)``).
+        dim: Width of the embedding, ``>= 1``. ``dim = 1`` gives one zero column (CompVis gives shape ``(N, 0)``).
         max_period: Controls the lowest frequency, ``> 0``.
         repeat_only: Return ``timesteps`` broadcast to ``(N, dim)`` instead, in their own dtype (an expanded view,
-            as the seed's ``einops.repeat``).
+            as CompVis' ``einops.repeat``).
 
     Returns:
         Float32 tensor of shape ``(N, dim)`` on ``timesteps``' device (``timesteps``' dtype with ``repeat_only``).

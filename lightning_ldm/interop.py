@@ -3,7 +3,7 @@
 The two projects name the same schedules differently:
 
 ================================  =================================  =====================================
-seed / ``lightning_ldm``          diffusers ``beta_schedule``         β
+CompVis / ``lightning_ldm``          diffusers ``beta_schedule``         β
 ================================  =================================  =====================================
 ``"linear"``                      ``"scaled_linear"``                 linear in √β (Stable Diffusion)
 ``"sqrt_linear"``                 ``"linear"``                        linear in β

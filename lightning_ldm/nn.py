@@ -1,6 +1,6 @@
 """Small tensor and module helpers that diffusion code bases share.
 
-Each function keeps the seed utility's name, signature and numbers for valid input and raises a clear error for bad
+Each function keeps the reference utility's name, signature and numbers for valid input and raises a clear error for bad
 input instead of failing later.
 """
 
@@ -72,7 +72,7 @@ def gather_coefficients(table: Tensor, t: Tensor, ndim: int, dtype: torch.dtype 
 def extract_into_tensor(a: Tensor, t: Tensor, x_shape: Sequence[int]) -> Tensor:
     """Gather ``a[t]`` and reshape it to ``(B, 1, ..., 1)`` with ``len(x_shape) - 1`` trailing ones.
 
-    Same numbers and dtype as the seed's ``a.gather(-1, t).reshape(b, *((1,) * (len(x_shape) - 1)))``.
+    Same numbers and dtype as CompVis' ``a.gather(-1, t).reshape(b, *((1,) * (len(x_shape) - 1)))``.
 
     Args:
         a: 1-D table indexed by timestep.
@@ -112,7 +112,7 @@ def scale_module(module: nn.Module, scale: float) -> nn.Module:
 def mean_flat(tensor: Tensor) -> Tensor:
     """Mean over every dimension but the first: one value per sample.
 
-    A 1-D input is already one value per sample and comes back as a copy (the seed returns a single scalar there).
+    A 1-D input is already one value per sample and comes back as a copy (CompVis returns a single scalar there).
 
     Raises:
         ValueError: ``tensor`` is 0-d (it has no batch dimension).

@@ -3,7 +3,7 @@ r"""Beta schedules, zero-terminal-SNR rescaling and the float64 tables a diffusi
 Notation: :math:`T` training timesteps, :math:`\beta_t` the schedule, :math:`\alpha_t = 1 - \beta_t`,
 :math:`\bar\alpha_t = \prod_{s \le t} \alpha_s` (``alphas_cumprod``).
 
-Everything here is computed in float64 and returned as numpy arrays, with the seed's numbers (the seed computes the
+Everything here is computed in float64 and returned as numpy arrays, with CompVis' numbers (CompVis computes the
 linear schedules with ``torch.linspace(..., dtype=torch.float64)``, so this module does too: ``numpy.linspace``
 differs from it in the last bit of about a third of the entries).
 
@@ -74,7 +74,7 @@ def make_beta_schedule(
     linear_end: float = 2e-2,
     cosine_s: float = 8e-3,
 ) -> np.ndarray:
-    r"""Return the seed's beta schedule: a float64 numpy array of shape ``(n_timestep,)``.
+    r"""Return CompVis' beta schedule: a float64 numpy array of shape ``(n_timestep,)``.
 
     ======================  ========================================================================================
     schedule                β

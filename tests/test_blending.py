@@ -10,7 +10,7 @@ from lightning_ldm.blending import MERGE_STRATEGIES, AlphaBlender
 
 
 def seed_alpha(blender: AlphaBlender, indicator):
-    """The seed's get_alpha (sgm), written out."""
+    """CompVis' get_alpha (sgm), written out."""
     if blender.merge_strategy == "fixed":
         return blender.mix_factor
     if blender.merge_strategy == "learned":
@@ -47,7 +47,7 @@ def test_matches_seed_formula(strategy, layout, dtype):
     out = blender(xs, xt, INDICATOR)
     ref = seed_forward(blender, xs, xt, INDICATOR)
     assert out.dtype == dtype and out.shape == shape
-    # float32: a few ulp (lerp rounds once, the seed three times); bf16: one bf16 ulp of |x| < 8
+    # float32: a few ulp (lerp rounds once, CompVis three times); bf16: one bf16 ulp of |x| < 8
     atol = {torch.float32: 1e-6, torch.float64: 1e-15, torch.bfloat16: 2**-4}[dtype]
     torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=atol)
 
@@ -136,7 +136,7 @@ def test_alpha_is_cast_to_x_spatial_dtype_and_mixed_dtypes_promote_like_the_seed
 def test_flattened_frames_4d_with_default_pattern_align_on_batch():
     # (B·T, C, H, W) frames with "b t -> (b t) 1 1": α is aligned on the batch dimension
     blender = AlphaBlender(0.5, "learned_with_images")
-    shape = (B * T, B * T, H, W)  # C == B·T: the seed would silently mix by channel here
+    shape = (B * T, B * T, H, W)  # C == B·T: CompVis would silently mix by channel here
     xs, xt = torch.randn(shape, generator=GEN), torch.randn(shape, generator=GEN)
     out = blender(xs, xt, INDICATOR)
     alpha = torch.where(INDICATOR.bool(), 1.0, torch.sigmoid(torch.tensor(0.5))).reshape(-1, 1, 1, 1)

@@ -453,7 +453,7 @@ def test_checkpointed_gradients_equal_under_16_mixed_cuda() -> None:
 
 
 class _SeedStyleBlock(nn.Module):
-    """A block with the seed's ``use_checkpoint`` switch (uses torch's checkpoint when on)."""
+    """A block with CompVis' ``use_checkpoint`` switch (uses torch's checkpoint when on)."""
 
     def __init__(self) -> None:
         super().__init__()

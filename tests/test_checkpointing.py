@@ -21,7 +21,7 @@ class Block(nn.Module):
 
 
 class SeedCheckpoint(torch.autograd.Function):
-    """The CompVis seed's CheckpointFunction: no autocast, no RNG state. The reference bug."""
+    """CompVis' CheckpointFunction: no autocast, no RNG state. The reference bug."""
 
     @staticmethod
     def forward(ctx, run_function, length, *args):
@@ -89,7 +89,7 @@ def test_cpu_bf16_autocast_grads_equal_uncheckpointed(model_and_input):
         got_nr = grads_of(model, x, ours_non_reentrant, autocast=True)
     assert max_diff(got, reference) == 0.0
     assert max_diff(got_nr, reference) == 0.0
-    # the seed's checkpoint recomputes in float32 outside autocast: visibly different gradients
+    # CompVis' checkpoint recomputes in float32 outside autocast: visibly different gradients
     assert max_diff(grads_of(model, x, seed, autocast=True), reference) > 1e-3
     assert not torch.is_autocast_enabled("cpu")
 
@@ -206,8 +206,8 @@ def test_duplicated_params_get_their_gradient_once(model_and_input):
     params = [*model.parameters(), *model.parameters()]
     got = grads_of(model, x, lambda m, x: checkpoint(m, (x,), params, True), autocast=False)
     assert max_diff(got, reference) == 0.0
-    seed_got = grads_of(model, x, lambda m, x: SeedCheckpoint.apply(m, 1, x, *params), autocast=False)
-    assert max_diff(seed_got, reference) > 0.0  # the seed doubles them
+    compvis_got = grads_of(model, x, lambda m, x: SeedCheckpoint.apply(m, 1, x, *params), autocast=False)
+    assert max_diff(compvis_got, reference) > 0.0  # CompVis doubles them
 
 
 def test_closure_parameters_need_params(model_and_input):

@@ -124,9 +124,9 @@ def test_mean_flat_golden():
 def test_mean_flat_one_d_is_per_sample():
     x = torch.tensor([1.0, 2.0, 6.0])
     out = mean_flat(x)
-    assert out.tolist() == [1.0, 2.0, 6.0]  # the seed gives the scalar 3.0
+    assert out.tolist() == [1.0, 2.0, 6.0]  # CompVis gives the scalar 3.0
     assert out.data_ptr() != x.data_ptr()  # a copy, like every other rank's result
-    assert x.mean(dim=list(range(1, x.ndim))).ndim == 0  # the torch quirk the seed inherits
+    assert x.mean(dim=list(range(1, x.ndim))).ndim == 0  # the torch quirk CompVis inherits
 
 
 def test_mean_flat_zero_d_error():
