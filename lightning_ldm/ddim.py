@@ -46,7 +46,7 @@ __all__ = [
     "make_ddim_timesteps",
 ]
 
-logger = logging.getLogger("lightning_ldm")
+log = logging.getLogger(__name__)
 
 DDIMMethod = Literal["uniform", "quad", "linspace", "trailing"]
 DDIM_METHODS: tuple[str, ...] = get_args(DDIMMethod)
@@ -119,7 +119,7 @@ def make_ddim_timesteps(
     else:  # "trailing": diffusers' float arithmetic, so the values match; arange may yield one extra step (~0)
         steps = (np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1)[:n][::-1].copy()
     if verbose:
-        logger.info("Selected timesteps for ddim sampler: %s", steps)
+        log.info("Selected timesteps for ddim sampler: %s", steps)
     return steps
 
 
@@ -212,8 +212,8 @@ def make_ddim_sampling_parameters(
     steps = _steps_as_numpy(ddim_timesteps, ac.shape[0])
     sigmas, alphas, alphas_prev = _sampling_parameters(ac, steps, eta)
     if verbose:
-        logger.info("Selected alphas for ddim sampler: a_t: %s; a_(t-1): %s", alphas, alphas_prev)
-        logger.info(
+        log.info("Selected alphas for ddim sampler: a_t: %s; a_(t-1): %s", alphas, alphas_prev)
+        log.info(
             "For the chosen value of eta, which is %s, this results in the following sigma_t schedule for ddim "
             "sampler %s",
             eta,

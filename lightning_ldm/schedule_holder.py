@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_ldm.losses import LossWeighting
 from lightning_ldm.noise_schedule import (
@@ -256,6 +257,7 @@ class ScheduleHolder(_Base):
         )
         return vlb_weights(tables, parameterization)
 
+    @override
     def _load_from_state_dict(
         self,
         state_dict: dict[str, Any],
@@ -286,12 +288,14 @@ class ScheduleHolder(_Base):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the schedule fingerprint under ``checkpoint["lightning_ldm"]["schedule"]``, then call ``super()``."""
         if self.noise_schedule is not None:
             checkpoint.setdefault(CHECKPOINT_KEY, {})["schedule"] = self.noise_schedule.fingerprint
         super().on_save_checkpoint(checkpoint)
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint whose schedule fingerprint differs from the registered one, then call ``super()``.
 

@@ -102,7 +102,7 @@ def test_verbose_logs_instead_of_printing(caplog, capsys):
         make_ddim_sampling_parameters(AC, np.array([1, 500]), 0.5)
     assert "Selected timesteps for ddim sampler: [ 1 11 21 31 41 51 61 71 81 91]" in caplog.text
     assert "sigma_t schedule" in caplog.text
-    assert all(r.name == "lightning_ldm" for r in caplog.records)
+    assert all(r.name == "lightning_ldm.ddim" for r in caplog.records)
     assert capsys.readouterr().out == ""
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="lightning_ldm"):
