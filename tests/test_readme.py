@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -30,3 +33,42 @@ def test_readme_usage_block_runs(tmp_path: Path, monkeypatch) -> None:
     # bf16-mixed did not touch the tables; the checkpointing callback undid itself after fit
     assert model.alphas_cumprod.dtype == torch.float32
     assert model.block.forward.__func__ is type(model.block).forward
+
+
+def _plain_block() -> str:
+    section = README.read_text().split("## Without Lightning", 1)[1]
+    match = re.search(r"```python\n(.*?)```", section, flags=re.S)
+    assert match is not None, "the README's plain-PyTorch section has no python block"
+    return match.group(1)
+
+
+BLOCK_LIGHTNING = """
+import sys
+
+
+class _NoLightning:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("lightning", "pytorch_lightning", "lightning_fabric"):
+            raise ImportError(f"{name} is blocked in this test")
+        return None
+
+
+sys.meta_path.insert(0, _NoLightning())
+"""
+
+
+def test_readme_plain_pytorch_block_runs_where_lightning_cannot_be_imported(tmp_path: Path) -> None:
+    script = tmp_path / "plain.py"
+    check = (
+        "\nassert not any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules)"
+        "\nassert step == 19 and loss.item() == loss.item()\n"
+    )
+    script.write_text(BLOCK_LIGHTNING + _plain_block() + check)
+    env = {**os.environ, "PYTHONPATH": str(README.parent)}
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.fullmatch(r"step 19: loss \d+\.\d{4}\n", done.stdout), done.stdout
+    blocked = subprocess.run(
+        [sys.executable, "-c", BLOCK_LIGHTNING + "import lightning"], env=env, capture_output=True, text=True
+    )
+    assert "ImportError: lightning is blocked" in blocked.stderr  # the guard itself works
