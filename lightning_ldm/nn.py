@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_ldm._checks import check_timesteps
+
 __all__ = [
     "avg_pool_nd",
     "check_timestep_indices",
@@ -24,37 +26,17 @@ __all__ = [
 ]
 
 
-# Up to this many CPU indices, check_timestep_indices reads them as a Python list instead of reducing them.
-_SMALL_INDEX_NUMEL = 256
-
-
 def check_timestep_indices(t: Tensor, size: int, name: str = "t") -> None:
     """Check that ``t`` is a 1-D integer tensor of valid indices into a table of ``size`` entries.
 
-    On an accelerator this reads two numbers back to the host (one sync); callers in a hot loop that produced ``t``
-    themselves skip it.
+    The package's one timestep check (:func:`lightning_ldm._checks.check_timesteps`): the range check reads ``t``
+    back to the host in eager mode (one sync on an accelerator) and is skipped under ``torch.compile``.
 
     Raises:
         TypeError: ``t`` is not a tensor or not of an integer dtype.
         ValueError: ``t`` is not 1-D or holds an index outside ``[0, size)``.
     """
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of integer timesteps, got {type(t).__name__}")
-    if t.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{name} must hold integer timesteps (torch.long or torch.int32), got dtype {t.dtype}")
-    if t.ndim != 1:
-        raise ValueError(f"{name} must be 1-D with one timestep per sample, got shape {tuple(t.shape)}")
-    numel = t.numel()
-    if numel == 0:
-        return
-    if numel <= _SMALL_INDEX_NUMEL and t.is_cpu:
-        values = t.tolist()  # a few Python ints: cheaper than a reduction and two scalar reads
-        lo, hi = min(values), max(values)
-    else:
-        lo, hi = (int(v) for v in torch.aminmax(t))
-    if lo < 0 or hi >= size:
-        bad = lo if lo < 0 else hi
-        raise ValueError(f"{name} holds timestep {bad}, outside the valid range [0, {size - 1}] of a {size}-step table")
+    check_timesteps(t, size, name)
 
 
 def gather_coefficients(table: Tensor, t: Tensor, ndim: int, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -43,6 +43,7 @@ from lightning_ldm.losses import LOSS_WEIGHTINGS, LossWeighting, min_snr_weights
 from lightning_ldm.nn import gather_coefficients
 from lightning_ldm.schedules import (
     SCHEDULES,
+    TABLE_NAMES,
     ScheduleName,
     make_beta_schedule,
     rescale_zero_terminal_snr,
@@ -65,23 +66,9 @@ PARAMETERIZATIONS: tuple[str, ...] = ("eps", "x0", "v")
 TABLE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float64)
 #: Version of the fingerprint layout (bumped if its keys change meaning).
 FINGERPRINT_VERSION = 1
+_RENAMED = {"snr": "snr_table"}  # the module's ``snr`` is the method; its table is ``snr_table``
 #: The tables of a schedule, by their CompVis names (``snr`` is called ``snr_table``; ``lvlb_weights`` added).
-SCHEDULE_TABLES: tuple[str, ...] = (
-    "betas",
-    "alphas_cumprod",
-    "alphas_cumprod_prev",
-    "sqrt_alphas_cumprod",
-    "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod",
-    "sqrt_recip_alphas_cumprod",
-    "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance",
-    "posterior_log_variance_clipped",
-    "posterior_mean_coef1",
-    "posterior_mean_coef2",
-    "snr_table",
-    "lvlb_weights",
-)
+SCHEDULE_TABLES: tuple[str, ...] = (*(_RENAMED.get(n, n) for n in TABLE_NAMES), "lvlb_weights")
 #: Which arguments change the betas of each named schedule (only these go into the fingerprint).
 _SCHEDULE_PARAMS: dict[str, tuple[str, ...]] = {
     "linear": ("linear_start", "linear_end"),
