@@ -21,6 +21,8 @@ import lightning_ldm.mixin as mixin_module
 from lightning_ldm.ddim import ddim_sample as core_ddim_sample
 from lightning_ldm.embedding import timestep_embedding
 from lightning_ldm.mixin import DiffusionMixin
+from lightning_ldm.noise_schedule import SCHEDULE_TABLES
+from tests import compvis_reference as compvis
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*does not have many workers:UserWarning",
@@ -29,22 +31,7 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:.*isinstance\\(treespec, LeafSpec\\)",
 )
 
-TABLE_NAMES = (
-    "betas",
-    "alphas_cumprod",
-    "alphas_cumprod_prev",
-    "sqrt_alphas_cumprod",
-    "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod",
-    "sqrt_recip_alphas_cumprod",
-    "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance",
-    "posterior_log_variance_clipped",
-    "posterior_mean_coef1",
-    "posterior_mean_coef2",
-    "snr_table",
-    "lvlb_weights",
-)
+TABLE_NAMES = SCHEDULE_TABLES
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
@@ -99,49 +86,16 @@ def make_trainer(**kwargs: Any) -> L.Trainer:
 
 
 def ref_betas(schedule: str, n: int, ls: float = 1e-4, le: float = 2e-2, s: float = 8e-3) -> np.ndarray:
-    if schedule == "linear":
-        return np.linspace(ls**0.5, le**0.5, n, dtype=np.float64) ** 2
-    if schedule == "sqrt_linear":
-        return np.linspace(ls, le, n, dtype=np.float64)
-    if schedule == "cosine":
-        k = np.arange(n + 1, dtype=np.float64) / n + s
-        a = np.cos(k / (1 + s) * np.pi / 2) ** 2
-        a = a / a[0]
-        return np.clip(1 - a[1:] / a[:-1], 0.0, 0.999)
-    raise AssertionError(schedule)
+    return compvis.make_beta_schedule(schedule, n, linear_start=ls, linear_end=le, cosine_s=s)
 
 
-def ref_ztsnr(betas: np.ndarray) -> np.ndarray:
-    """Lin et al. 2023, Algorithm 1, written from the paper."""
-    sqrt_ab = np.sqrt(np.cumprod(1 - betas))
-    first, last = sqrt_ab[0], sqrt_ab[-1]
-    sqrt_ab = (sqrt_ab - last) * first / (first - last)
-    ab = sqrt_ab**2
-    alphas = np.concatenate([ab[:1], ab[1:] / ab[:-1]])
-    return 1 - alphas
+ref_ztsnr = compvis.rescale_zero_terminal_snr
 
 
 def ref_tables(betas: np.ndarray, v_posterior: float = 0.0) -> dict[str, np.ndarray]:
-    alphas = 1 - betas
-    ab = np.cumprod(alphas)
-    ab_prev = np.append(1.0, ab[:-1])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        pv = (1 - v_posterior) * betas * (1 - ab_prev) / (1 - ab) + v_posterior * betas
-        return {
-            "betas": betas,
-            "alphas_cumprod": ab,
-            "alphas_cumprod_prev": ab_prev,
-            "sqrt_alphas_cumprod": np.sqrt(ab),
-            "sqrt_one_minus_alphas_cumprod": np.sqrt(1 - ab),
-            "log_one_minus_alphas_cumprod": np.log(1 - ab),
-            "sqrt_recip_alphas_cumprod": np.sqrt(1 / ab),
-            "sqrt_recipm1_alphas_cumprod": np.sqrt(1 / ab - 1),
-            "posterior_variance": pv,
-            "posterior_log_variance_clipped": np.log(np.maximum(pv, 1e-20)),
-            "posterior_mean_coef1": betas * np.sqrt(ab_prev) / (1 - ab),
-            "posterior_mean_coef2": (1 - ab_prev) * np.sqrt(alphas) / (1 - ab),
-            "snr_table": ab / (1 - ab),
-        }
+    tables = compvis.register_schedule_tables(betas, v_posterior)
+    tables["snr_table"] = tables.pop("snr")
+    return tables
 
 
 def bare(**kwargs: Any) -> Toy:
