@@ -21,7 +21,8 @@ from typing_extensions import override
 
 from examples.latent_digits.autoencoder import DigitAutoencoder
 from examples.latent_digits.data import NUM_CLASSES
-from lightning_ldm import DiffusionMixin, SinusoidalTimestepEmbedding, zero_module
+from lightning_ldm import DiffusionMixin, ScheduleName, SinusoidalTimestepEmbedding, zero_module
+from lightning_ldm.mixin import LossWeighting, Parameterization
 
 __all__ = ["LatentDenoiser", "LatentMLP"]
 
@@ -99,11 +100,11 @@ class LatentDenoiser(DiffusionMixin, L.LightningModule):
         hidden: int = 256,
         depth: int = 3,
         dropout: float = 0.0,
-        beta_schedule: str = "cosine",
+        beta_schedule: ScheduleName = "cosine",
         timesteps: int = 1000,
-        parameterization: str = "v",
+        parameterization: Parameterization = "v",
         p_uncond: float = 0.1,
-        loss_weighting: str = "none",
+        loss_weighting: LossWeighting = "none",
         lr: float = 2e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 100,
@@ -112,7 +113,7 @@ class LatentDenoiser(DiffusionMixin, L.LightningModule):
         if not 0.0 <= p_uncond < 1.0:
             raise ValueError(f"p_uncond must lie in [0, 1), got {p_uncond!r}")
         self.save_hyperparameters(ignore=["first_stage"])
-        self.register_schedule(beta_schedule=beta_schedule, timesteps=timesteps, parameterization=parameterization)  # type: ignore[arg-type]
+        self.register_schedule(beta_schedule=beta_schedule, timesteps=timesteps, parameterization=parameterization)
         # LIBRARY: FirstStage(scale_by_std=True) wraps the frozen autoencoder, its scale buffer and encode/decode.
         self.first_stage = first_stage.eval().requires_grad_(False)
         self.register_buffer("scale_factor", torch.tensor(1.0))
