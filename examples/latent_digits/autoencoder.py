@@ -81,11 +81,6 @@ class DigitAutoencoder(L.LightningModule):
         return loss
 
     @override
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x = batch[0]
-        self.log("ae/val_reconstruction", F.mse_loss(self.decode(self.encode(x)), x))
-
-    @override
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams["lr"], weight_decay=0.0)
         steps = self.trainer.max_steps if self.trainer.max_steps > 0 else 1

@@ -24,7 +24,7 @@ _PIXEL_MAX = 16.0
 
 
 def to_pixels(images: Tensor) -> np.ndarray:
-    """Images in ``[−1, 1]`` of shape ``(N, 1, 8, 8)`` → ``load_digits`` features: ``(N, 64)`` float64 in ``[0, 16]``."""
+    """Images ``(N, 1, 8, 8)`` in ``[−1, 1]`` → ``load_digits`` features: ``(N, 64)`` float64 in ``[0, 16]``."""
     flat = images.detach().float().cpu().clamp(-1.0, 1.0).reshape(images.shape[0], -1)
     return ((flat + 1.0) * (_PIXEL_MAX / 2.0)).double().numpy()
 
@@ -81,7 +81,7 @@ def load_split(holdout_fraction: float = 0.2, seed: int = 0) -> DigitsSplit:
 
 
 class DigitsDataModule(L.LightningDataModule):
-    """Batches ``(image, label)`` of the training split (shuffled, seeded) and of the held-out split.
+    """Batches ``(image, label)`` of the training split (shuffled, seeded); the held-out split in :attr:`split`.
 
     Args:
         batch_size: Batch size.
@@ -102,8 +102,3 @@ class DigitsDataModule(L.LightningDataModule):
         data = TensorDataset(self.split.train_images, self.split.train_labels)
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(data, batch_size=self.batch_size, shuffle=True, drop_last=True, generator=generator)
-
-    def val_dataloader(self) -> DataLoader:
-        """The held-out images, in order."""
-        data = TensorDataset(self.split.holdout_images, self.split.holdout_labels)
-        return DataLoader(data, batch_size=self.batch_size, shuffle=False)

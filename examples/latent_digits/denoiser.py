@@ -94,6 +94,9 @@ class LatentDenoiser(DiffusionMixin, L.LightningModule):
         warmup_steps: Warm-up steps.
     """
 
+    scale_factor: Tensor
+    scale_computed: Tensor
+
     def __init__(
         self,
         first_stage: DigitAutoencoder,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,12 +120,19 @@ class _Clock:
 
 def build_parser() -> ArgumentParser:
     """The command line: ``--config``, ``--seed``, ``--run_dir``, ``--torch_threads``, ``--autoencoder.*``,
-    ``--model.*`` (the denoiser), ``--train.*`` and ``--eval.*``."""  # noqa: D205, D209
+    ``--model.*`` (the denoiser), ``--train.*`` and ``--eval.*``."""
     parser = ArgumentParser(description="Class-conditional latent diffusion on scikit-learn's 8x8 digits.")
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_argument("--seed", type=int, default=0, help="Seed of everything (split, weights, draws).")
-    parser.add_argument("--run_dir", type=str | None, default=None, help="Outputs (default runs/latent_digits/seed<seed>).")
-    parser.add_argument("--torch_threads", type=int | None, default=None, help="torch.set_num_threads (None: default).")
+    parser.add_argument(
+        "--run_dir", type=str | None, default=None, help="Outputs (default runs/latent_digits/seed<seed>)."
+    )
+    parser.add_argument(
+        "--torch_threads",
+        type=int | None,
+        default=None,
+        help="torch.set_num_threads (None or 0: leave torch's default).",
+    )
     parser.add_class_arguments(DigitAutoencoder, "autoencoder")
     parser.add_class_arguments(LatentDenoiser, "model", skip={"first_stage"})
     parser.add_class_arguments(TrainOptions, "train")
@@ -143,8 +151,6 @@ def _trainer(run_dir: Path, version: str, steps: int, options: TrainOptions, cal
         enable_progress_bar=options.progress_bar,
         enable_model_summary=False,
         log_every_n_steps=options.log_every_n_steps,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
         deterministic=True,
     )
 
@@ -191,7 +197,7 @@ def evaluate(
         grid = images.reshape(NUM_CLASSES, options.samples_per_class, 1, 8, 8)[:, :shown].reshape(-1, 1, 8, 8)
         save_grid(run_dir / f"samples_scale{scale:g}.png", grid, nrow=shown)
         arrays[f"scale{scale:g}"] = images.numpy()
-    np.savez_compressed(run_dir / "samples.npz", **arrays)
+    np.savez_compressed(run_dir / "samples.npz", **arrays)  # type: ignore[arg-type]
     return results
 
 
@@ -236,6 +242,8 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
         The summary dictionary.
     """
     clock = _Clock()
+    # the frozen first stage stays in eval mode on purpose; Lightning warns about every such module at fit start
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     parser = build_parser()
     config = parser.parse_args(args)
     if config.torch_threads:
