@@ -80,7 +80,7 @@ class TrainOptions:
     grid_per_class: int = 8
     grid_guidance_scale: float = 3.0
     grid_ddim_steps: int = 20
-    log_every_n_steps: int = 25
+    log_every_n_steps: int = 10
     progress_bar: bool = False
 
 
