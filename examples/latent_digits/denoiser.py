@@ -1,0 +1,229 @@
+"""The class-conditional latent denoiser: a residual MLP on the flattened latents, and its LightningModule.
+
+:class:`LatentDenoiser` holds the frozen first stage (:class:`~examples.latent_digits.autoencoder.DigitAutoencoder`),
+encodes each batch to latents scaled to unit standard deviation (``scale_by_std``, as CompVis' ``LatentDiffusion``),
+replaces the class of a fraction ``p_uncond`` of the samples by the null class (condition dropout, what
+classifier-free guidance needs), trains with :meth:`~lightning_ldm.mixin.DiffusionMixin.diffusion_loss` and samples
+with :meth:`~lightning_ldm.mixin.DiffusionMixin.ddim_sample` and guidance.
+
+Places marked ``# LIBRARY:`` do by hand what a library piece will do; each names the piece.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+from torch import Tensor, nn
+from typing_extensions import override
+
+from examples.latent_digits.autoencoder import DigitAutoencoder
+from examples.latent_digits.data import NUM_CLASSES
+from lightning_ldm import DiffusionMixin, ScheduleName, SinusoidalTimestepEmbedding, zero_module
+from lightning_ldm.mixin import LossWeighting, Parameterization
+
+__all__ = ["LatentDenoiser", "LatentMLP"]
+
+
+class _Block(nn.Module):
+    """``h + W₂·SiLU(W₁·LayerNorm(h) + E·emb)``: a residual MLP block with an additive embedding."""
+
+    def __init__(self, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.inner = nn.Linear(hidden, 2 * hidden)
+        self.embedding = nn.Linear(hidden, 2 * hidden)
+        self.outer = nn.Sequential(nn.SiLU(), nn.Dropout(dropout), nn.Linear(2 * hidden, hidden))
+
+    def forward(self, h: Tensor, emb: Tensor) -> Tensor:
+        return h + self.outer(self.inner(self.norm(h)) + self.embedding(emb))
+
+
+class LatentMLP(nn.Module):
+    """Residual MLP ``(z_t, t, class) → prediction`` on latents of any shape (flattened inside).
+
+    Args:
+        latent_shape: Shape of one latent, e.g. ``(2, 4, 4)``.
+        hidden: Width of the hidden layers.
+        depth: Number of residual blocks.
+        num_classes: Number of classes; index ``num_classes`` is the null class (no condition).
+        dropout: Dropout inside the blocks.
+    """
+
+    def __init__(
+        self, latent_shape: tuple[int, ...], hidden: int = 256, depth: int = 3, num_classes: int = NUM_CLASSES,
+        dropout: float = 0.0,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.latent_shape = tuple(latent_shape)
+        features = math.prod(self.latent_shape)
+        self.time_embedding = nn.Sequential(
+            SinusoidalTimestepEmbedding(hidden), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden)
+        )
+        self.class_embedding = nn.Embedding(num_classes + 1, hidden)
+        self.input = nn.Linear(features, hidden)
+        self.blocks = nn.ModuleList(_Block(hidden, dropout) for _ in range(depth))
+        self.output = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), zero_module(nn.Linear(hidden, features)))
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        """Predict from noisy latents ``x`` ``(B, *latent_shape)``, timesteps ``t`` ``(B,)`` and classes ``cond``."""
+        emb = nn.functional.silu(self.time_embedding(t) + self.class_embedding(cond))
+        h = self.input(x.flatten(1))
+        for block in self.blocks:
+            h = block(h, emb)
+        return self.output(h).view_as(x)
+
+
+class LatentDenoiser(DiffusionMixin, L.LightningModule):
+    """Class-conditional latent diffusion on the digits' autoencoder latents.
+
+    Args:
+        first_stage: The trained autoencoder (kept frozen, in eval mode).
+        hidden: Width of the denoiser MLP.
+        depth: Residual blocks of the denoiser MLP.
+        dropout: Dropout inside the blocks.
+        beta_schedule: Noise schedule name (``"linear"``, ``"cosine"``, ...).
+        timesteps: Training timesteps T.
+        parameterization: ``"eps"``, ``"v"`` or ``"x0"``.
+        p_uncond: Probability that a training sample's class is replaced by the null class.
+        loss_weighting: ``"none"`` or ``"min_snr"`` (see ``DiffusionMixin.loss_weights``).
+        lr: Peak AdamW learning rate (linear warm-up, then cosine decay to 0 at ``trainer.max_steps``).
+        weight_decay: AdamW weight decay.
+        warmup_steps: Warm-up steps.
+    """
+
+    scale_factor: Tensor
+    scale_computed: Tensor
+
+    def __init__(
+        self,
+        first_stage: DigitAutoencoder,
+        hidden: int = 256,
+        depth: int = 3,
+        dropout: float = 0.0,
+        beta_schedule: ScheduleName = "cosine",
+        timesteps: int = 1000,
+        parameterization: Parameterization = "v",
+        p_uncond: float = 0.1,
+        loss_weighting: LossWeighting = "none",
+        lr: float = 2e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 100,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= p_uncond < 1.0:
+            raise ValueError(f"p_uncond must lie in [0, 1), got {p_uncond!r}")
+        self.save_hyperparameters(ignore=["first_stage"])
+        self.register_schedule(beta_schedule=beta_schedule, timesteps=timesteps, parameterization=parameterization)
+        # LIBRARY: FirstStage(scale_by_std=True) wraps the frozen autoencoder, its scale buffer and encode/decode.
+        self.first_stage = first_stage.eval().requires_grad_(False)
+        self.register_buffer("scale_factor", torch.tensor(1.0))
+        self.register_buffer("scale_computed", torch.tensor(False))
+        self.latent_shape = (first_stage.latent_channels, 4, 4)
+        self.null_class = NUM_CLASSES
+        self.net = LatentMLP(self.latent_shape, hidden=hidden, depth=depth, dropout=dropout)
+
+    # ----------------------------------------------------------------------------------------- first stage
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        """Images ``(B, 1, 8, 8)`` → scaled latents ``scale_factor·E(x)``."""
+        # LIBRARY: FirstStage.encode
+        return self.first_stage.encode(x) * self.scale_factor
+
+    @torch.no_grad()
+    def decode(self, z: Tensor) -> Tensor:
+        """Scaled latents → images ``D(z / scale_factor)`` in ``[−1, 1]``."""
+        # LIBRARY: FirstStage.decode
+        return self.first_stage.decode(z / self.scale_factor)
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # LIBRARY: FirstStage(scale_by_std=True) computes 1/std of the first training batch's latents.
+        if not bool(self.scale_computed):
+            latents = self.first_stage.encode(batch[0])
+            self.scale_factor.fill_(1.0 / float(latents.flatten().std()))
+            self.scale_computed.fill_(True)
+
+    @override
+    def train(self, mode: bool = True) -> LatentDenoiser:
+        super().train(mode)
+        self.first_stage.eval()  # frozen: never in training mode
+        return self
+
+    # --------------------------------------------------------------------------------------- conditioning
+    def drop_condition(self, labels: Tensor) -> Tensor:
+        """Replace each label by the null class with probability ``p_uncond``, drawn from the diffusion generator."""
+        # LIBRARY: condition dropout drawn from the per-batch generator (ScheduleCallback seeds it per batch).
+        generator = self.diffusion_generator
+        device = generator.device if generator is not None else labels.device
+        drop = torch.rand(labels.shape[0], generator=generator, device=device).to(labels.device)
+        return torch.where(drop < self.hparams["p_uncond"], torch.full_like(labels, self.null_class), labels)
+
+    @override
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        # LIBRARY: DiffusionMixin.apply_model (routes the conditioning to the network).
+        return self.net(x, t, cond)
+
+    # --------------------------------------------------------------------------------------------- training
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        images, labels = batch
+        z = self.encode(images)
+        loss = self.diffusion_loss(
+            self, z, model_kwargs={"cond": self.drop_condition(labels)}, loss_weighting=self.hparams["loss_weighting"]
+        )
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    @override
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.AdamW(
+            self.net.parameters(), lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"]
+        )
+        total = max(int(self.trainer.max_steps), 1)
+        warmup = min(int(self.hparams["warmup_steps"]), total - 1)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(total - warmup, 1))))
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # --------------------------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def sample(
+        self,
+        labels: Tensor,
+        *,
+        guidance_scale: float = 1.0,
+        num_steps: int = 50,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """DDIM samples of the classes ``labels`` ``(B,)``, decoded: images ``(B, 1, 8, 8)`` in ``[−1, 1]``.
+
+        Args:
+            labels: Classes to sample, on any device.
+            guidance_scale: Classifier-free guidance scale (1: the conditional model alone).
+            num_steps: DDIM steps.
+            generator: Generator of the starting noise.
+
+        Returns:
+            Decoded samples on the CPU, float32.
+        """
+        labels = labels.to(self.device)
+        null = torch.full_like(labels, self.null_class)
+        z = self.ddim_sample(
+            self,
+            (labels.shape[0], *self.latent_shape),
+            num_steps=num_steps,
+            guidance_scale=guidance_scale,
+            cond=labels,
+            uncond=null,
+            generator=generator,
+        )
+        assert isinstance(z, Tensor)
+        return self.decode(z.float()).float().cpu()

@@ -1,0 +1,172 @@
+"""The latent-digits example: its data split, judge, grids, denoiser pieces, and a tiny run of the real entry point."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from examples.latent_digits.autoencoder import DigitAutoencoder
+from examples.latent_digits.classifier import DigitClassifier
+from examples.latent_digits.data import DigitsDataModule, from_pixels, load_split, to_pixels
+from examples.latent_digits.denoiser import LatentDenoiser
+from examples.latent_digits.grids import DigitGridLogger, make_grid
+from examples.latent_digits.train import class_spread, main
+
+DIGITS_PER_CLASS = [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]  # sklearn's load_digits
+
+
+# ------------------------------------------------------------------------------------------------------------ data
+def test_split_is_stratified_disjoint_and_seeded() -> None:
+    split = load_split(0.2, seed=0)
+    holdout_counts = np.bincount(split.holdout_labels.numpy(), minlength=10)
+    train_counts = np.bincount(split.train_labels.numpy(), minlength=10)
+    assert holdout_counts.tolist() == [round(0.2 * n) for n in DIGITS_PER_CLASS]
+    assert (train_counts + holdout_counts).tolist() == DIGITS_PER_CLASS
+    assert split.train_images.shape == (sum(train_counts), 1, 8, 8) and split.train_images.dtype == torch.float32
+    assert float(split.train_images.min()) == -1.0 and float(split.train_images.max()) == 1.0
+    # no held-out image is a training image (load_digits has no exact duplicates across these)
+    train = {bytes(row) for row in to_pixels(split.train_images).astype(np.uint8)}
+    assert not any(bytes(row) in train for row in to_pixels(split.holdout_images).astype(np.uint8))
+    again, other = load_split(0.2, seed=0), load_split(0.2, seed=1)
+    assert torch.equal(again.holdout_images, split.holdout_images)
+    assert not torch.equal(other.holdout_images, split.holdout_images)
+
+
+def test_pixel_conversion_round_trips_exactly() -> None:
+    pixels = (np.arange(64, dtype=np.float64) % 17)[None]  # every load_digits level 0..16
+    images = from_pixels(pixels)
+    assert images.shape == (1, 1, 8, 8)
+    assert float(images[0, 0, 0, 0]) == -1.0 and float(images[0, 0, 1, 0]) == 0.0 and float(images[0, 0, 2, 0]) == 1.0
+    assert float(images[0, 0, 0, 1]) == -0.875
+    np.testing.assert_array_equal(to_pixels(images), pixels)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1])
+def test_bad_holdout_fraction_is_refused(fraction: float) -> None:
+    with pytest.raises(ValueError, match=rf"holdout_fraction must lie in \(0, 1\), got {fraction}"):
+        load_split(fraction)
+
+
+def test_bad_batch_size_is_refused() -> None:
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+        DigitsDataModule(batch_size=0)
+
+
+def test_judge_reaches_its_ceiling_on_real_held_out_digits() -> None:
+    split = load_split(0.2, seed=0)
+    judge = DigitClassifier().fit(split.train_images, split.train_labels)
+    assert judge.accuracy(split.holdout_images, split.holdout_labels) > 0.97
+    # a blank image is not confidently any particular digit, but the judge must still return a valid label
+    assert judge.predict(-torch.ones(3, 1, 8, 8)).shape == (3,)
+
+
+def test_class_spread_is_the_mean_distance_to_the_class_mean() -> None:
+    images = torch.zeros(20, 1, 8, 8)
+    labels = torch.arange(10).repeat(2)
+    images[10:, 0, 0, 0] = 2.0  # class c: one image at 0, one with a single pixel at 2 → both 1 from their mean
+    assert class_spread(images, labels) == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------- grids
+def test_grid_tiles_rows_of_images_with_borders() -> None:
+    images = torch.stack([torch.full((1, 8, 8), -1.0), torch.full((1, 8, 8), 1.0), torch.zeros(1, 8, 8)])
+    grid = make_grid(images, nrow=2, scale=1, pad=1)
+    assert grid.shape == (2 * 9 + 1, 2 * 9 + 1) and grid.dtype == np.uint8
+    assert (grid[1:9, 1:9] == 0).all() and (grid[1:9, 10:18] == 255).all() and (grid[10:18, 1:9] == 128).all()
+    assert (grid[0] == 64).all() and (grid[10:18, 10:18] == 64).all()  # border, and the empty last cell
+    assert make_grid(images, nrow=2, scale=3).shape == (57, 57)
+
+
+def test_bad_grid_interval_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="every_n_steps must be an integer >= 1, got 0"):
+        DigitGridLogger(tmp_path, every_n_steps=0)
+
+
+# -------------------------------------------------------------------------------------------------------- denoiser
+def _denoiser(**kwargs: object) -> LatentDenoiser:
+    torch.manual_seed(0)
+    return LatentDenoiser(DigitAutoencoder(width=8), hidden=16, depth=1, **kwargs)  # type: ignore[arg-type]
+
+
+def test_bad_p_uncond_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"p_uncond must lie in \[0, 1\), got 1.0"):
+        _denoiser(p_uncond=1.0)
+
+
+def test_condition_dropout_draws_from_the_diffusion_generator() -> None:
+    model = _denoiser(p_uncond=0.3)
+    labels = torch.arange(10).repeat(1000)
+    model.diffusion_generator = torch.Generator().manual_seed(5)
+    dropped = model.drop_condition(labels)
+    expected_drop = torch.rand(10_000, generator=torch.Generator().manual_seed(5)) < 0.3
+    assert torch.equal(dropped == model.null_class, expected_drop)
+    assert torch.equal(dropped[~expected_drop], labels[~expected_drop])
+    assert abs(float(expected_drop.float().mean()) - 0.3) < 0.02
+
+
+def test_scale_is_one_over_the_std_of_the_first_batch_latents() -> None:
+    model = _denoiser()
+    first, second = torch.rand(16, 1, 8, 8) * 2 - 1, torch.rand(16, 1, 8, 8)
+    model.on_train_batch_start((first, torch.zeros(16, dtype=torch.long)), 0)
+    with torch.no_grad():
+        latents = model.first_stage.encode(first)
+    assert float(model.scale_factor) == pytest.approx(1.0 / float(latents.std()), rel=1e-6)
+    assert float(model.encode(first).std()) == pytest.approx(1.0, rel=1e-5)
+    kept = float(model.scale_factor)
+    model.on_train_batch_start((second, torch.zeros(16, dtype=torch.long)), 1)
+    assert float(model.scale_factor) == kept  # computed once
+    torch.testing.assert_close(model.decode(model.encode(first)), model.first_stage.decode(latents))
+
+
+# ------------------------------------------------------------------------------------------------------ smoke run
+TINY = [
+    "--config", "examples/latent_digits/config.yaml",
+    "--torch_threads", "0",  # 0: leave the test process's threads alone
+    "--autoencoder.width", "8",
+    "--model.hidden", "32", "--model.depth", "1", "--model.warmup_steps", "5",
+    "--train.batch_size", "64", "--train.autoencoder_steps", "20", "--train.steps", "30",
+    "--train.grid_every_n_steps", "10", "--train.grid_per_class", "2", "--train.grid_ddim_steps", "2",
+    "--train.log_every_n_steps", "5", "--train.ema_start", "5",
+    "--eval.samples_per_class", "3", "--eval.ddim_steps", "4", "--eval.guidance_scales", "[1, 3]",
+]  # fmt: skip
+
+
+def test_example_runs_end_to_end_and_reuses_its_autoencoder(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    summary = main([*TINY, "--run_dir", str(run_dir)])
+
+    written = json.loads((run_dir / "summary.json").read_text())
+    assert written["accuracy"] == summary["accuracy"]
+    assert sorted(written["accuracy"]) == ["1", "3"]
+    assert all(0.0 <= value <= 1.0 for value in written["accuracy"].values())
+    assert 0.97 < written["real_holdout_accuracy"] <= 1.0
+    assert all(len(row) == 10 for row in written["per_class_accuracy"].values())
+    assert all(math.isfinite(value) and value > 0 for value in written["spread"].values())
+    assert written["steps"] == 30 and written["autoencoder"]["loaded"] is False
+    assert math.isfinite(written["scale_factor"]) and written["scale_factor"] > 0
+    phases = {"setup", "classifier", "autoencoder", "denoiser", "sampling", "outputs", "total"}
+    assert set(written["wall_seconds"]) == phases and set(written["cpu_seconds"]) == phases
+    assert all(value >= 0 for value in written["wall_seconds"].values())
+
+    grids = sorted(path.name for path in (run_dir / "grids").iterdir())
+    assert grids == ["grid_step000010.png", "grid_step000020.png", "grid_step000030.png"]
+    with Image.open(run_dir / "grids" / grids[-1]) as image:
+        assert image.size == ((2 * 9 + 1) * 4, (10 * 9 + 1) * 4)  # 2 samples per class, a row per class
+    events = EventAccumulator(str(run_dir / "tensorboard" / "denoiser"), size_guidance={"images": 0})
+    events.Reload()
+    assert [event.step for event in events.Images("samples/grid")] == [10, 20, 30]
+    for name in ("accuracy.png", "accuracy.md", "samples_scale1.png", "samples_scale3.png", "samples.npz"):
+        assert (run_dir / name).is_file() and (run_dir / name).stat().st_size > 0, name
+    samples = np.load(run_dir / "samples.npz")
+    assert samples["scale3"].shape == (30, 1, 8, 8) and np.abs(samples["scale3"]).max() <= 1.0
+
+    again = main([*TINY, "--run_dir", str(run_dir)])  # the saved autoencoder is loaded, everything else re-seeded
+    assert again["autoencoder"]["loaded"] is True
+    assert again["accuracy"] == summary["accuracy"] and again["scale_factor"] == summary["scale_factor"]
