@@ -19,7 +19,7 @@ OLDEST_VENV ?= .venv-oldest
 NEWEST_VENV ?= .venv-newest
 KEY_PACKAGES := '^(torch|lightning|einops|numpy|torchmetrics|diffusers|jsonargparse|pytest|hypothesis)=='
 
-.PHONY: setup test lint example bench clean test-oldest test-newest
+.PHONY: setup test lint example example-latent bench clean test-oldest test-newest
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ test: lint
 
 example: setup
 	$(PY) -m examples.video_blend.train fit --config examples/video_blend/config.yaml $(ARGS)
+
+example-latent: setup
+	$(PY) -m examples.latent_digits.train --config examples/latent_digits/config.yaml $(ARGS)
 
 bench: setup
 	$(PY) -m benchmarks.run $(ARGS)
