@@ -316,6 +316,18 @@ def test_tables_are_copied_once_per_device_and_read_only_in_float64() -> None:
         schedule.table("snr")
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tables_are_copied_once_to_cuda() -> None:
+    schedule = NoiseSchedule(beta_schedule="cosine", timesteps=100)
+    on_gpu = schedule.table("alphas_cumprod", "cuda")
+    assert on_gpu.device.type == "cuda" and on_gpu.dtype == torch.float32
+    assert schedule.table("alphas_cumprod", "cuda").data_ptr() == on_gpu.data_ptr()
+    assert torch.equal(on_gpu.cpu(), schedule.table("alphas_cumprod"))
+    x, t = torch.randn(4, 3, device="cuda"), torch.tensor([0, 1, 50, 99], device="cuda")
+    torch.testing.assert_close(schedule.q_sample(x, t, x).cpu(), schedule.q_sample(x.cpu(), t.cpu(), x.cpu()))
+
+
 def test_schedule_ignores_the_default_device_and_inference_mode() -> None:
     reference = NoiseSchedule(timesteps=10)
     with torch.device("meta"):
