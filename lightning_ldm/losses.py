@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from lightning_ldm import noising
-from lightning_ldm._checks import check_choice, check_floating, check_same_shape, check_timesteps
+from lightning_ldm._checks import check_choice, check_floating, check_same_shape, check_tensor, check_timesteps
 from lightning_ldm.nn import mean_flat
 
 if TYPE_CHECKING:
@@ -102,9 +102,10 @@ def diffusion_loss(
         by ``importance_weights``).
 
     Raises:
-        TypeError: ``x_start``/``noise`` is not a floating tensor or ``t`` not an integer tensor.
-        ValueError: A choice is not accepted, the shapes disagree, ``t`` is out of range, or the model output's shape
-            differs from the target's.
+        TypeError: ``x_start``/``noise`` is not a floating tensor, ``t`` not an integer tensor, or
+            ``importance_weights`` not a tensor.
+        ValueError: A choice is not accepted, the shapes disagree (``importance_weights`` included: one weight per
+            sample), ``t`` is out of range, or the model output's shape differs from the target's.
     """
     check_choice("loss_type", loss_type, LOSS_TYPES)
     check_floating("x_start", x_start, min_ndim=1)
@@ -112,6 +113,11 @@ def diffusion_loss(
     check_same_shape("x_start", x_start, "noise", noise)
     check_timesteps(t, schedule.num_timesteps, batch=x_start.shape[0], batch_of="x_start")
     weights = schedule.loss_weights(t, loss_weighting, min_snr_gamma, validate=False)  # checked before the forward
+    if importance_weights is not None and check_tensor("importance_weights", importance_weights).shape != t.shape:
+        raise ValueError(
+            f"importance_weights must hold one weight per sample, shape {tuple(t.shape)}, got shape "
+            f"{tuple(importance_weights.shape)}"
+        )
 
     a = schedule.table("sqrt_alphas_cumprod", x_start.device)
     b = schedule.table("sqrt_one_minus_alphas_cumprod", x_start.device)

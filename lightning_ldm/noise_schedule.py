@@ -341,6 +341,8 @@ class NoiseSchedule:
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        for array in state["_float64"].values():
+            array.setflags(write=False)  # pickle does not keep the flag: the copies must stay read-only too
         state["_float64"] = MappingProxyType(state["_float64"])
         self.__dict__.update(state)
 

@@ -1,0 +1,265 @@
+"""The validation layer: each helper's accepted values, its errors and their messages, and describe()."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_ldm._checks import (
+    check_betas,
+    check_bool,
+    check_choice,
+    check_floating,
+    check_int,
+    check_real,
+    check_same_shape,
+    check_tensor,
+    check_timesteps,
+    describe,
+)
+
+
+# ------------------------------------------------------------------------------------------------------ describe
+def test_describe_summarises_a_big_tensor_in_one_short_line() -> None:
+    big = torch.arange(10_000, dtype=torch.float32).reshape(100, 100) - 17.5
+    text = describe(big)
+    assert text == "a tensor of shape (100, 100), dtype torch.float32, min -17.5, max 9981.5"
+    assert len(text) < 100 and "\n" not in text
+    long_int = torch.arange(10_000)
+    assert describe(long_int) == "a tensor of shape (10000,), dtype torch.int64, min 0, max 9999"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (torch.ones(10_000, dtype=torch.bool), "a tensor of shape (10000,), dtype torch.bool"),
+        (torch.ones(3, dtype=torch.complex64), "a tensor of shape (3,), dtype torch.complex64"),
+        (torch.empty(0, 4), "a tensor of shape (0, 4), dtype torch.float32"),
+        (torch.empty(5, device="meta"), "a tensor of shape (5,), dtype torch.float32, on meta"),
+        (np.zeros((3, 2), dtype=np.float16), "an array of shape (3, 2), dtype float16"),
+        ("linear", "'linear'"),
+        (None, "None"),
+    ],
+)
+def test_describe_other_values(value: Any, expected: str) -> None:
+    assert describe(value) == expected
+
+
+def test_describe_cuts_long_reprs() -> None:
+    text = describe(list(range(10_000)))
+    assert len(text) < 100 and text.startswith("[0, 1, 2,") and text.endswith("... (list)")
+
+
+# ------------------------------------------------------------------------------------------------- check_choice
+def test_check_choice() -> None:
+    check_choice("mode", "b", ("a", "b"))
+    with pytest.raises(ValueError, match=r"^mode='c' is not supported; expected one of 'a', 'b'$"):
+        check_choice("mode", "c", ("a", "b"))
+    with pytest.raises(ValueError, match=r"^mode=1 is not supported; expected one of 'a', 'b'$"):
+        check_choice("mode", 1, ["a", "b"])
+
+
+# --------------------------------------------------------------------------------------------------- check_bool
+def test_check_bool_accepts_python_and_numpy_bools() -> None:
+    assert check_bool("flag", True) is True
+    assert check_bool("flag", np.bool_(False)) is False
+    assert check_bool("flag", np.array([True])[0]) is True
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        (1, r"^flag must be a bool, got 1 of type int$"),
+        ("True", r"^flag must be a bool, got 'True' of type str$"),
+        (None, r"^flag must be a bool, got None of type NoneType$"),
+        (torch.tensor(True), r"^flag must be a bool, got a tensor of shape \(\), dtype torch.bool of type Tensor$"),
+    ],
+)
+def test_check_bool_refuses_other_types(value: Any, match: str) -> None:
+    with pytest.raises(TypeError, match=match):
+        check_bool("flag", value)
+
+
+# ---------------------------------------------------------------------------------------------------- check_int
+def test_check_int() -> None:
+    assert check_int("n", np.int64(7), minimum=0) == 7 and type(check_int("n", np.int32(7))) is int
+    for value in (True, np.bool_(True), 2.0, "2", None):
+        with pytest.raises(TypeError, match=r"^n must be an integer, got .* of type "):
+            check_int("n", value)
+    with pytest.raises(ValueError, match=r"^n=-1 is out of range; expected an integer >= 0$"):
+        check_int("n", -1, minimum=0)
+    with pytest.raises(ValueError, match=r"^n=11 is out of range; expected an integer <= 10$"):
+        check_int("n", 11, maximum=10)
+    with pytest.raises(ValueError, match=r"^n=11 is out of range; expected an integer in \[1, 10\]$"):
+        check_int("n", 11, minimum=1, maximum=10)
+    with pytest.raises(ValueError, match=r"^n=0 is out of range; expected an integer in \[1, 10\]$"):
+        check_int("n", 0, minimum=1, maximum=10)
+
+
+# --------------------------------------------------------------------------------------------------- check_real
+def test_check_real() -> None:
+    assert check_real("x", 1) == 1.0 and type(check_real("x", 1)) is float
+    assert check_real("x", np.float32(0.5), minimum=0.0, maximum=1.0) == 0.5
+    assert check_real("x", 0.0, minimum=0.0) == 0.0  # inclusive by default
+    for value in (True, "1.0", None, torch.tensor(1.0), 1j):
+        with pytest.raises(TypeError, match=r"^x must be a real number, got .* of type "):
+            check_real("x", value)
+    with pytest.raises(ValueError, match=r"^x=nan must be finite; expected a number in \[0, 1\]$"):
+        check_real("x", float("nan"), minimum=0.0, maximum=1.0)
+    with pytest.raises(ValueError, match=r"^x=-inf must be finite; expected a number in \[-inf, inf\]$"):
+        check_real("x", float("-inf"))
+    with pytest.raises(ValueError, match=r"^x=0 is out of range; expected a number in \(0, inf\]$"):
+        check_real("x", 0.0, minimum=0.0, min_inclusive=False)
+    with pytest.raises(ValueError, match=r"^x=1 is out of range; expected a number in \[0, 1\)$"):
+        check_real("x", 1.0, minimum=0.0, maximum=1.0, max_inclusive=False)
+    with pytest.raises(ValueError, match=r"^x=1.5 is out of range; expected a number in \[-inf, 1\]$"):
+        check_real("x", 1.5, maximum=1.0)
+
+
+# ------------------------------------------------------------------------------------ tensors, dtypes, shapes
+def test_check_tensor_and_check_floating() -> None:
+    x = torch.ones(2, 3)
+    assert check_tensor("x", x) is x and check_floating("x", x, min_ndim=2) is x
+    assert check_floating("x", torch.ones(2, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    with pytest.raises(TypeError, match=r"^x must be a torch.Tensor, got ndarray$"):
+        check_tensor("x", np.ones(2))
+    with pytest.raises(TypeError, match=r"^x must be a torch.Tensor, got list$"):
+        check_floating("x", [1.0])
+    for bad in (torch.ones(2, dtype=torch.long), torch.ones(2, dtype=torch.bool), torch.ones(2, dtype=torch.complex64)):
+        with pytest.raises(
+            TypeError, match=rf"^x must be a floating tensor \(e.g. .*\), got a tensor of .*{bad.dtype}"
+        ):
+            check_floating("x", bad)
+    with pytest.raises(ValueError, match=r"^x must have a batch dimension, got shape \(\)$"):
+        check_floating("x", torch.tensor(1.0), min_ndim=1)
+    with pytest.raises(ValueError, match=r"^x must have at least 4 dimensions, got shape \(2, 3\)$"):
+        check_floating("x", x, min_ndim=4)
+
+
+def test_check_same_shape() -> None:
+    check_same_shape("a", torch.ones(2, 3), "b", torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"^a and b must have the same shape, got \(2, 3\) and \(3, 2\)$"):
+        check_same_shape("a", torch.ones(2, 3), "b", torch.zeros(3, 2))
+
+
+# ----------------------------------------------------------------------------------------------- check_timesteps
+def test_check_timesteps_accepts_long_and_int32_and_returns_t() -> None:
+    t = torch.tensor([0, 9], dtype=torch.int32)
+    assert check_timesteps(t, 10) is t
+    empty = torch.zeros(0, dtype=torch.long)
+    assert check_timesteps(empty, 10, batch=0) is empty
+
+
+@pytest.mark.parametrize("size", [8, 256, 257, 5000])  # the small path reads a list, the large one reduces
+def test_check_timesteps_names_the_first_offending_index(size: int) -> None:
+    t = torch.full((size,), 3, dtype=torch.long)
+    t[size // 2] = 12
+    t[-1] = -4
+    with pytest.raises(
+        ValueError,
+        match=rf"^t holds timestep 12, outside the valid range \[0, 9\] of a 10-step table \(first at index "
+        rf"{size // 2}; t is a tensor of shape \({size},\), dtype torch.int64, min -4, max 12\)$",
+    ):
+        check_timesteps(t, 10)
+    t[0] = 10
+    with pytest.raises(ValueError, match=r"^steps holds timestep 10, .*\(first at index 0; steps is a tensor"):
+        check_timesteps(t, 10, name="steps")
+
+
+@pytest.mark.parametrize(
+    ("t", "kwargs", "error", "match"),
+    [
+        ([1, 2], {}, TypeError, r"^t must be a torch.Tensor of integer timesteps, got list$"),
+        (
+            torch.tensor([1.0]),
+            {},
+            TypeError,
+            r"^t must hold integer timesteps \(torch.long or torch.int32\), got dtype ",
+        ),
+        (torch.tensor([1], dtype=torch.uint8), {}, TypeError, r"got dtype torch.uint8$"),
+        (torch.tensor(3), {}, ValueError, r"^t must be 1-D with one timestep per sample, got shape \(\)$"),
+        (torch.ones(2, 2, dtype=torch.long), {}, ValueError, r"got shape \(2, 2\)$"),
+        (
+            torch.tensor([1, 2]),
+            {"batch": 3, "batch_of": "x_start"},
+            ValueError,
+            r"^t has 2 timesteps but x_start has batch size 3$",
+        ),
+        (torch.tensor([1, 2]), {"batch": 3}, ValueError, r"^t has 2 timesteps but the samples has batch size 3$"),
+    ],
+)
+def test_check_timesteps_refuses(t: Any, kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        check_timesteps(t, 10, **kwargs)
+
+
+def test_check_timesteps_skips_the_host_read_while_compiling(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    t = torch.tensor([99])
+    assert check_timesteps(t, 10) is t  # the range needs a host read: skipped
+    with pytest.raises(TypeError, match=r"got dtype torch.float32"):  # dtype and shape checks are static: kept
+        check_timesteps(torch.tensor([1.0]), 10)
+
+
+# --------------------------------------------------------------------------------------------------- check_betas
+def test_check_betas_converts_every_input_to_a_fresh_float64_array() -> None:
+    source = np.array([0.1, 0.2], dtype=np.float32)
+    for betas in (source, torch.tensor([0.1, 0.2]), [0.1, 0.2], (0.1, 0.2)):
+        out = check_betas(betas)
+        assert out.dtype == np.float64 and out.shape == (2,) and out.flags.c_contiguous
+        np.testing.assert_allclose(out, [0.1, 0.2], rtol=1e-7)
+    out = check_betas(source)
+    out[0] = 0.9
+    assert source[0] == np.float32(0.1)  # a copy
+    assert check_betas([0.1, 1.0])[-1] == 1.0  # a zero-terminal-SNR end
+
+
+@pytest.mark.parametrize(
+    ("betas", "kwargs", "error", "match"),
+    [
+        ("0.1", {}, TypeError, r"^betas must be a 1-D sequence, numpy array or tensor of betas, got str$"),
+        ({"a": 0.1}, {}, TypeError, r"got dict$"),
+        ([0.1, "x"], {}, TypeError, r"^betas must be a 1-D sequence, numpy array or tensor of real numbers, got "),
+        (
+            torch.ones(2, dtype=torch.bool),
+            {},
+            TypeError,
+            r"^betas must hold real numbers, got a tensor of shape \(2,\)",
+        ),
+        (torch.ones(2, dtype=torch.complex64), {}, TypeError, r"^betas must hold real numbers"),
+        (
+            [[0.1, 0.2]],
+            {},
+            ValueError,
+            r"^betas must be a 1-D array of at least 1 per-timestep betas, got shape \(1, 2\)",
+        ),
+        ([], {}, ValueError, r"got shape \(0,\)$"),
+        ([0.1], {"min_length": 2}, ValueError, r"at least 2 per-timestep betas, got shape \(1,\)$"),
+        (
+            [0.1, float("inf"), float("nan")],
+            {},
+            ValueError,
+            r"^betas\[1\]=inf is not finite; expected betas in \[0, 1\)$",
+        ),
+        (
+            [0.1, 0.2, -0.3, 2.0],
+            {},
+            ValueError,
+            r"^betas\[2\]=-0.3 lies outside \[0, 1\) \(only the last beta may be 1: a zero-terminal-SNR schedule\)$",
+        ),
+        ([0.1, 1.0], {"allow_terminal_one": False}, ValueError, r"^betas\[1\]=1.0 lies outside \[0, 1\)$"),
+        ([1.0, 0.1], {}, ValueError, r"^betas\[0\]=1.0 lies outside \[0, 1\) \(only the last"),
+        (
+            [0.1, 1.5],
+            {"name": "given_betas", "context": "make_beta_schedule('sqrt', 2)"},
+            ValueError,
+            r"^make_beta_schedule\('sqrt', 2\): beta\[1\]=1.5 lies outside",
+        ),
+    ],
+)
+def test_check_betas_refuses(betas: Any, kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        check_betas(betas, **kwargs)

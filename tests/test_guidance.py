@@ -1,0 +1,167 @@
+"""Classifier-free guidance (guided_model) and eval_mode."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from lightning_ldm.guidance import eval_mode, guided_model
+
+B = 3
+
+
+class Spy:
+    """``model(x, t, **kwargs)`` that records its calls; returns ``x·(1 + t)`` plus each batch-sized kwarg summed."""
+
+    def __init__(self, dtype: torch.dtype | None = None) -> None:
+        self.calls: list[tuple[Tensor, Tensor, dict[str, Any]]] = []
+        self.dtype = dtype
+
+    def __call__(self, x: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
+        self.calls.append((x, t, kwargs))
+        out = x * (1 + t.to(x.dtype))[:, None]
+        for value in kwargs.values():
+            if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == x.shape[0]:
+                out = out + value.reshape(value.shape[0], -1).sum(dim=1, keepdim=True).to(x.dtype)
+        return out if self.dtype is None else out.to(self.dtype)
+
+
+def inputs() -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(B, 4, generator=g), torch.tensor([0, 5, 9])
+
+
+def test_scale_one_runs_only_the_conditional_branch() -> None:
+    model = Spy()
+    x, t = inputs()
+    cond = torch.randn(B, 2)
+    fn = guided_model(model, B, guidance_scale=1.0, cond=cond, uncond=torch.zeros(B, 2), model_kwargs={"k": 1})
+    out = fn(x, t)
+    assert len(model.calls) == 1
+    seen_x, seen_t, kwargs = model.calls[0]
+    assert seen_x is x and seen_t is t and kwargs["cond"] is cond and kwargs["k"] == 1
+    assert torch.equal(out, model(x, t, cond=cond))
+    assert guided_model(model, B)(x, t).shape == (B, 4)  # unconditional, unguided: no cond needed
+
+
+@pytest.mark.parametrize("scale", [0.0, 2.5, 7.5, -1.0])
+def test_guidance_runs_one_batch_of_2b_and_combines_in_float32(scale: float) -> None:
+    model = Spy(dtype=torch.bfloat16)
+    x, t = inputs()
+    cond, uncond = torch.randn(B, 2), torch.randn(B, 2)
+    out = guided_model(model, B, guidance_scale=scale, cond=cond, uncond=uncond)(x, t)
+    assert len(model.calls) == 1
+    seen_x, seen_t, kwargs = model.calls[0]
+    assert torch.equal(seen_x, torch.cat([x, x])) and torch.equal(seen_t, torch.cat([t, t]))
+    assert torch.equal(kwargs["cond"], torch.cat([uncond, cond]))  # uncond first
+    out_u = model(x, t, cond=uncond).float()
+    out_c = model(x, t, cond=cond).float()
+    assert out.dtype == torch.float32
+    assert torch.equal(out, out_u + scale * (out_c - out_u))
+    if scale == 0.0:
+        assert torch.equal(out, out_u)
+
+
+def test_batch_one_conditioning_is_broadcast_and_batch_b_kwargs_repeated() -> None:
+    model = Spy()
+    x, t = inputs()
+    cond, uncond = torch.randn(1, 2, 5), torch.zeros(1, 2, 5)  # e.g. one prompt embedding for every sample
+    per_sample = torch.randn(B, 6)
+    shared = torch.randn(7, 6)  # not batch-sized: passed as it is
+    scalar = torch.tensor(2.0)
+    fn = guided_model(
+        model,
+        B,
+        guidance_scale=3.0,
+        cond={"context": cond},
+        uncond={"context": uncond},
+        model_kwargs={"mask": per_sample, "table": shared, "scale": scalar, "flag": "x"},
+    )
+    fn(x, t)
+    kwargs = model.calls[0][2]
+    assert set(kwargs) == {"context", "mask", "table", "scale", "flag"}
+    assert kwargs["context"].shape == (2 * B, 2, 5)
+    assert torch.equal(kwargs["context"], torch.cat([uncond.expand(B, 2, 5), cond.expand(B, 2, 5)]))
+    assert torch.equal(kwargs["mask"], torch.cat([per_sample, per_sample]))
+    assert kwargs["table"] is shared and kwargs["scale"] is scalar and kwargs["flag"] == "x"
+
+
+def test_mapping_conditioning_is_merged_into_the_keywords() -> None:
+    model = Spy()
+    x, t = inputs()
+    c_ctx, c_y = torch.randn(B, 3), torch.randn(B, 1)
+    u_ctx, u_y = torch.zeros(B, 3), torch.zeros(B, 1)
+    out = guided_model(
+        model, B, guidance_scale=2.0, cond={"context": c_ctx, "y": c_y}, uncond={"context": u_ctx, "y": u_y}
+    )(x, t)
+    kwargs = model.calls[0][2]
+    assert torch.equal(kwargs["context"], torch.cat([u_ctx, c_ctx])) and torch.equal(kwargs["y"], torch.cat([u_y, c_y]))
+    out_u, out_c = model(x, t, context=u_ctx, y=u_y), model(x, t, context=c_ctx, y=c_y)
+    assert torch.equal(out, out_u + 2.0 * (out_c - out_u))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"guidance_scale": 2.0, "cond": torch.ones(B, 2)}, ValueError, r"guidance_scale=2 needs both cond and uncond"),
+        ({"guidance_scale": 2.0, "uncond": torch.ones(B, 2)}, ValueError, r"needs both cond and uncond"),
+        (
+            {"cond": [1, 2]},
+            TypeError,
+            r"cond must be a Tensor \(passed as model\(\.\.\., cond=\.\.\.\)\), a mapping .*list",
+        ),
+        ({"guidance_scale": 2.0, "cond": torch.ones(B), "uncond": 0}, TypeError, r"uncond must be a Tensor .* got int"),
+        (
+            {"guidance_scale": 2.0, "cond": {"context": torch.ones(B)}, "uncond": {"c": torch.ones(B)}},
+            ValueError,
+            r"cond and uncond must name the same keywords, got \['context'\] and \['c'\]",
+        ),
+        (
+            {"guidance_scale": 2.0, "cond": {"context": "a cat"}, "uncond": {"context": ""}},
+            TypeError,
+            r"cond\['context'\] and uncond\['context'\] must be tensors.* to batch them, got str and str",
+        ),
+        (
+            {"guidance_scale": 2.0, "cond": torch.ones(2, 4), "uncond": torch.ones(B, 4)},
+            ValueError,
+            r"cond\['cond'\] must have batch size 3 \(or 1, broadcast over the batch\), got shape \(2, 4\)",
+        ),
+        (
+            {"guidance_scale": 2.0, "cond": torch.ones(B, 4), "uncond": torch.tensor(0.0)},
+            ValueError,
+            r"uncond\['cond'\] must have batch size 3 .* got shape \(\)",
+        ),
+        ({"guidance_scale": "7.5"}, TypeError, r"guidance_scale must be a real number, got '7.5' of type str"),
+        ({"guidance_scale": float("nan")}, ValueError, r"guidance_scale=nan must be finite"),
+    ],
+)
+def test_guided_model_refuses_bad_arguments(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
+    model = Spy()
+    with pytest.raises(error, match=match):
+        guided_model(model, B, **kwargs)
+    assert model.calls == []
+
+
+# --------------------------------------------------------------------------------------------------- eval_mode
+def test_eval_mode_restores_every_submodule_mode() -> None:
+    net = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5), nn.Sequential(nn.BatchNorm1d(2), nn.Dropout(0.1)))
+    net.train()
+    net[1].eval()  # a mixed state: one submodule was frozen by the user
+    before = [m.training for m in net.modules()]
+    with eval_mode(net):
+        assert not any(m.training for m in net.modules())
+    assert [m.training for m in net.modules()] == before
+    with pytest.raises(RuntimeError, match="boom"), eval_mode(net):
+        raise RuntimeError("boom")
+    assert [m.training for m in net.modules()] == before  # restored on errors too
+
+
+def test_eval_mode_accepts_plain_callables() -> None:
+    def fn(x: Tensor) -> Tensor:
+        return x
+
+    with eval_mode(fn):
+        assert torch.equal(fn(torch.ones(1)), torch.ones(1))
