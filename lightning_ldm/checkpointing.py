@@ -41,7 +41,8 @@ __all__ = ["CheckpointFunction", "checkpoint"]
 
 
 def _autocast_device_types() -> tuple[str, ...]:
-    names = ["cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia", "maia", "ipu", torch._C._get_privateuse1_backend_name()]
+    privateuse1 = torch.device("privateuseone").type  # the name a PrivateUse1 backend registered, if any
+    names = ["cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia", "maia", "ipu", privateuse1]
     found: list[str] = []
     for name in dict.fromkeys(names):
         try:

@@ -15,7 +15,7 @@ parameterization    predicted x0                                predicted ε
 
 ``x_prev = √a_prev·x0 + √(1 − a_prev − σ²)·ε + σ·z``, ``z ~ N(0, I)``.
 
-Conventions kept from the seed (CompVis ``DDIMSampler``): the step list is ascending; the ``"uniform"`` and
+Conventions kept from CompVis (its ``DDIMSampler``): the step list is ascending; the ``"uniform"`` and
 ``"quad"`` steps carry a +1 offset (they index ``ā`` directly and are the ``t`` the model sees); the "previous"
 ``ā`` of the first (least noisy) step is ``ā[0]``, not 1, so a sample ends at noise level ``ā[0]``.
 """
@@ -72,13 +72,13 @@ def make_ddim_timesteps(
     ==============  ===================================================================  ===========================
     method          steps                                                                length, range
     ==============  ===================================================================  ===========================
-    ``"uniform"``   ``range(0, T, T // n) + 1`` (the seed)                               ``ceil(T / (T // n))``
-    ``"quad"``      ``floor(linspace(0, √(0.8·T), n)²) + 1`` (the seed)                  ``n``, may repeat entries
+    ``"uniform"``   ``range(0, T, T // n) + 1`` (CompVis)                                ``ceil(T / (T // n))``
+    ``"quad"``      ``floor(linspace(0, √(0.8·T), n)²) + 1`` (CompVis)                   ``n``, may repeat entries
     ``"linspace"``  ``round(linspace(0, T − 1, n))`` (diffusers ``timestep_spacing``)    ``n`` distinct, [0, T − 1]
     ``"trailing"``  ``round(T − k·T/n) − 1``, ``k = 0..n−1`` (diffusers)                 ``n`` distinct, [0, T − 1]
     ==============  ===================================================================  ===========================
 
-    Seed behaviour kept for parity: ``"uniform"`` returns ``n`` steps only when ``T // n`` divides ``T`` evenly
+    CompVis behaviour kept for parity: ``"uniform"`` returns ``n`` steps only when ``T // n`` divides ``T`` evenly
     enough (``n = 30, T = 1000`` gives 31 steps); ``"quad"`` repeats entries for large ``n`` (``n = 50`` gives 49
     distinct) and, through float rounding, ends at ``0.8·T`` instead of ``0.8·T + 1`` for some ``T``.
     ``"trailing"`` reaches ``T − 1``, which a zero-terminal-SNR schedule needs. Its values are diffusers'

@@ -136,7 +136,7 @@ def betas_for_alpha_bar(
 ) -> np.ndarray:
     r"""Discretize a continuous ``ā(t)``, ``t ∈ [0, 1]``, into ``N`` betas.
 
-    ``β_i = min(1 − ā((i + 1)/N) / ā(i/N), max_beta)`` for ``i = 0 .. N − 1`` (no lower clip, as in the seed).
+    ``β_i = min(1 − ā((i + 1)/N) / ā(i/N), max_beta)`` for ``i = 0 .. N − 1`` (no lower clip, as in CompVis).
 
     Args:
         num_diffusion_timesteps: Number of betas ``N`` (>= 1).
