@@ -417,10 +417,10 @@ def ddim_sample(
     Raises:
         TypeError: ``model_fn`` is not callable, ``x_T`` is not a floating tensor, or ``model_fn`` returns
             something that is not a tensor.
-        ValueError: Every error of :func:`make_ddim_timesteps` and :func:`make_ddim_sampling_parameters`; an
-            unknown ``parameterization``; ``x_T`` without a batch dimension; ``clip_x0 <= 0``; ``"eps"`` at a step
-            where ``ā = 0`` (use ``"v"`` with zero-terminal-SNR schedules); an ``eta`` with ``σ² > 1 − a_prev``;
-            a model output of the wrong shape.
+        ValueError: ``num_steps`` outside ``[1, T]``; every error of :func:`make_ddim_timesteps` and
+            :func:`make_ddim_sampling_parameters`; an unknown ``parameterization``; ``x_T`` without a batch
+            dimension; ``clip_x0 <= 0``; ``"eps"`` at a step where ``ā = 0`` (use ``"v"`` with zero-terminal-SNR
+            schedules); an ``eta`` with ``σ² > 1 − a_prev``; a model output of the wrong shape.
     """
     if not callable(model_fn):
         raise TypeError(f"model_fn must be callable as model_fn(x_t, t), got {type(model_fn).__name__}")
@@ -434,6 +434,7 @@ def ddim_sample(
         clip_x0 = check_real("clip_x0", clip_x0, minimum=0.0, min_inclusive=False)
     eta = check_real("eta", eta, minimum=0.0)
     ac = _alphacums_as_numpy(alphas_cumprod, "alphas_cumprod")
+    check_int("num_steps", num_steps, minimum=1, maximum=ac.shape[0])  # named as the caller wrote it
     steps = make_ddim_timesteps(method, num_steps, ac.shape[0], verbose=False)
     sigmas, alphas, alphas_prev = _sampling_parameters(ac, steps, eta)
 

@@ -16,6 +16,10 @@ built once per ``(dim, max_period, device)`` and cos/sin are written straight in
 kernels, same bits). Integer timesteps on the CPU, the common case in training, are gathered from a cached table of
 whole embeddings, computed once by those same kernels: elementwise kernels give each element the same bits whatever
 batch it sits in, so the rows are bitwise the directly computed ones.
+
+Under ``torch.compile`` the caches and the range check of the table path (host reads) are left out: the embedding is
+traced as the out-of-place formula with the frequency row computed in the graph, so it compiles into one graph with
+``fullgraph=True``.
 """
 
 from __future__ import annotations
@@ -36,16 +40,21 @@ _MIN_TABLE = 1024
 _MAX_TABLE_ELEMENTS = 1 << 21  # 8 MiB of float32: 1024 timesteps up to dim 2048
 
 
+def _frequency_row(half: int, max_period: float, device: torch.device) -> Tensor:
+    """The float32 frequency row ``exp(-ln(max_period) · arange(half) / half)`` of shape ``(1, half)``."""
+    exponent = -math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32, device=device)
+    return torch.exp(exponent / half).unsqueeze(0)
+
+
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def _frequencies(half: int, max_period: float, device: torch.device) -> Tensor:
-    """The float32 frequency row ``exp(-ln(max_period) · arange(half) / half)`` of shape ``(1, half)``, cached.
+    """:func:`_frequency_row`, cached per ``(half, max_period, device)``.
 
     Built outside inference mode and without autograd so the cached tensor can be used (and saved for backward) in
     any later mode.
     """
     with torch.inference_mode(False), torch.no_grad():
-        exponent = -math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32, device=device)
-        return torch.exp(exponent / half).unsqueeze(0)
+        return _frequency_row(half, max_period, device)
 
 
 def _validate(timesteps: Tensor, dim: int, max_period: float) -> None:
@@ -73,10 +82,13 @@ def _direct(timesteps: Tensor, dim: int, max_period: float) -> Tensor:
     return out
 
 
-def _differentiable(timesteps: Tensor, dim: int, max_period: float) -> Tensor:
-    """Same numbers as :func:`_direct` through out-of-place ops, for timesteps that require grad (``out=`` cannot)."""
-    half = dim // 2
-    args = timesteps.unsqueeze(1) * _frequencies(half, max_period, timesteps.device)
+def _out_of_place(timesteps: Tensor, dim: int, frequencies: Tensor) -> Tensor:
+    """Same numbers as :func:`_direct` through out-of-place ops, for autograd and for ``torch.compile``.
+
+    ``out=`` cannot record a graph for timesteps that require grad, and ``torch.compile`` traces this form (with
+    ``frequencies`` computed inside the graph) into one graph.
+    """
+    args = timesteps.unsqueeze(1) * frequencies
     parts = [torch.cos(args), torch.sin(args)]
     if dim % 2:
         parts.append(args.new_zeros((timesteps.shape[0], 1)))
@@ -148,8 +160,11 @@ def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000, r
     if repeat_only:
         return timesteps[:, None].expand(timesteps.shape[0], dim)
     max_period = float(max_period)
+    half = dim // 2
+    if torch.compiler.is_compiling():  # no caches, no host reads: one graph, the same kernels
+        return _out_of_place(timesteps.float(), dim, _frequency_row(half, max_period, timesteps.device))
     if timesteps.requires_grad and torch.is_grad_enabled():
-        return _differentiable(timesteps.float(), dim, max_period)
+        return _out_of_place(timesteps.float(), dim, _frequencies(half, max_period, timesteps.device))
     out = _lookup(timesteps, dim, max_period)
     if out is not None:
         return out

@@ -8,6 +8,7 @@ and the weights are float32 whatever the model's dtype or autocast.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -104,11 +105,17 @@ def diffusion_loss(
     Raises:
         TypeError: ``x_start``/``noise`` is not a floating tensor, ``t`` not an integer tensor, or
             ``importance_weights`` not a tensor.
-        ValueError: A choice is not accepted, the shapes disagree (``importance_weights`` included: one weight per
-            sample), ``t`` is out of range, or the model output's shape differs from the target's.
+        ValueError: A choice is not accepted, ``x_start`` is empty (no sample, or samples of no element), the shapes
+            disagree (``importance_weights`` included: one weight per sample), ``t`` is out of range, or the model
+            output's shape differs from the target's.
     """
     check_choice("loss_type", loss_type, LOSS_TYPES)
     check_floating("x_start", x_start, min_ndim=1)
+    if x_start.shape[0] == 0 or math.prod(x_start.shape[1:]) == 0:
+        raise ValueError(
+            f"x_start must hold at least one sample of at least one element (a mean over none is NaN), got shape "
+            f"{tuple(x_start.shape)}"
+        )
     check_floating("noise", noise)
     check_same_shape("x_start", x_start, "noise", noise)
     check_timesteps(t, schedule.num_timesteps, batch=x_start.shape[0], batch_of="x_start")

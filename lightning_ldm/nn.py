@@ -95,12 +95,18 @@ def mean_flat(tensor: Tensor) -> Tensor:
     """Mean over every dimension but the first: one value per sample.
 
     A 1-D input is already one value per sample and comes back as a copy (CompVis returns a single scalar there).
+    An empty batch gives an empty result.
 
     Raises:
-        ValueError: ``tensor`` is 0-d (it has no batch dimension).
+        ValueError: ``tensor`` is 0-d (it has no batch dimension), or its samples have no element (their mean would
+            be NaN).
     """
     if tensor.ndim == 0:
         raise ValueError("mean_flat needs a batch dimension; got a 0-d tensor")
+    if tensor.shape[0] and tensor.ndim > 1 and tensor[0].numel() == 0:
+        raise ValueError(
+            f"mean_flat needs samples of at least one element (a mean over none is NaN), got {tuple(tensor.shape)}"
+        )
     if tensor.ndim == 1:
         return tensor.clone()
     return tensor.mean(dim=tuple(range(1, tensor.ndim)))

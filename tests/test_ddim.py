@@ -441,7 +441,7 @@ def test_ddim_sample_errors():
         ddim_sample(toy_model, torch.tensor(0.0), AC)
     with pytest.raises(ValueError, match=r"ddim_discr_method='ddpm' is not supported"):
         ddim_sample(toy_model, x_T, AC, method="ddpm")
-    with pytest.raises(ValueError, match=r"num_ddim_timesteps=1001 is out of range"):
+    with pytest.raises(ValueError, match=r"num_steps=1001 is out of range; expected an integer in \[1, 1000\]"):
         ddim_sample(toy_model, x_T, AC, num_steps=1001)
     with pytest.raises(ValueError, match=r"last step at 1000"):
         ddim_sample(toy_model, x_T, AC, num_steps=3)
