@@ -38,11 +38,13 @@ from lightning_ldm.ddim import ddim_sample as _ddim_sample
 from lightning_ldm.embedding import SinusoidalTimestepEmbedding
 from lightning_ldm.guidance import Conditioning, eval_mode, guided_model
 from lightning_ldm.losses import LossType, LossWeighting
+from lightning_ldm.noise_schedule import Parameterization
 from lightning_ldm.schedule_holder import CHECKPOINT_KEY, ScheduleHolder
 from lightning_ldm.scheduler_sampling import check_scheduler, scheduler_sample
 from lightning_ldm.validation import fixed_timestep_losses, log_timestep_losses
 
-__all__ = ["CHECKPOINT_KEY", "DiffusionMixin"]
+# LossType, LossWeighting and Parameterization stay importable from here, where v0.1 defined them.
+__all__ = ["CHECKPOINT_KEY", "DiffusionMixin", "LossType", "LossWeighting", "Parameterization"]
 
 
 class DiffusionMixin(ScheduleHolder):
