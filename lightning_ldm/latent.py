@@ -54,11 +54,16 @@ class LatentDiffusionMixin(DiffusionMixin):
     as in CompVis).
     """
 
-    first_stage: FirstStage | None = None
     conditioning_key: str | None = None
     denoiser_name: str = "model"
     _cond_dropout: dict[str, float] = {}  # noqa: RUF012 - replaced per instance
     _null_cond: dict[str, Any] = {}  # noqa: RUF012 - replaced per instance
+
+    @property
+    def first_stage(self) -> FirstStage | None:
+        """The registered :class:`FirstStage` (a submodule), ``None`` before :meth:`register_first_stage`."""
+        stage = self._modules.get("first_stage")
+        return stage if isinstance(stage, FirstStage) else None
 
     def register_first_stage(self, autoencoder: nn.Module, **options: Any) -> FirstStage:
         """Wrap ``autoencoder`` in a frozen :class:`FirstStage` (``options`` are its keyword arguments) and keep it.
@@ -70,8 +75,9 @@ class LatentDiffusionMixin(DiffusionMixin):
             TypeError: ``autoencoder`` lacks a callable ``encode``/``decode``, or an option has the wrong type.
             ValueError: An option is out of range.
         """
-        self.first_stage = FirstStage(autoencoder, **options)
-        return self.first_stage
+        stage = FirstStage(autoencoder, **options)
+        nn.Module.__setattr__(self, "first_stage", stage)  # registers the submodule that the property reads
+        return stage
 
     def register_conditioning(
         self,
@@ -155,8 +161,9 @@ class LatentDiffusionMixin(DiffusionMixin):
     def drop_conditions(self, cond: Any) -> Any:
         """In training mode, replace conditions by the null condition per sample with the registered probabilities.
 
-        Drawn from ``diffusion_generator``; the same draws on every rank for the same batch counter, and again after
-        a resume. Returns ``cond`` unchanged in eval mode or without dropout.
+        Drawn from ``diffusion_generator``, which ``ScheduleCallback`` seeds per rank and per batch: each rank draws
+        its own masks, a function of ``(seed, rank, batch counter)`` only, so a resumed run draws them again. Returns
+        ``cond`` unchanged in eval mode or without dropout.
         """
         if not self.training or not self._cond_dropout or cond is None:
             return cond

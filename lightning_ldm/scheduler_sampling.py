@@ -54,6 +54,8 @@ def scheduler_sample(
 ) -> Tensor:
     """Run ``scheduler``'s loop from ``x_T``: ``x ← scheduler.step(model_fn(x_in, t), t, x).prev_sample``.
 
+    The loop state ``x`` is kept in float32 (float64 when ``x_T`` is float64); the model sees ``x_T``'s dtype.
+
     ``x_T`` is scaled by ``scheduler.init_noise_sigma`` (1 for DDPM-type schedulers, ``σ_max`` for Euler-type ones)
     and each model input by ``scheduler.scale_model_input`` when the scheduler has them. ``generator`` and ``eta``
     reach ``step`` when its signature takes them (DDIM takes both, DPM-Solver++ and Euler a generator).
@@ -83,11 +85,12 @@ def scheduler_sample(
         extra["generator"] = generator
     if eta and _accepts(scheduler.step, "eta"):
         extra["eta"] = eta
-    x = x_T.to(torch.float32) * float(getattr(scheduler, "init_noise_sigma", 1.0))
+    work = torch.promote_types(x_T.dtype, torch.float32)  # the loop runs in float32, or float64 for float64 x_T
+    x = x_T.to(work) * float(getattr(scheduler, "init_noise_sigma", 1.0))
     scale_input = getattr(scheduler, "scale_model_input", None)
     for step_t in scheduler.timesteps:
         x_in = scale_input(x, step_t) if callable(scale_input) else x
         t = torch.as_tensor(step_t, device=x.device).expand(x.shape[0])
-        out = model_fn(x_in.to(x_T.dtype), t).to(torch.float32)
+        out = model_fn(x_in.to(x_T.dtype), t).to(work)
         x = scheduler.step(out, step_t, x, **extra).prev_sample
     return x.to(x_T.dtype)
