@@ -386,7 +386,8 @@ class FirstStage(nn.Module):
         The std is the unbiased (Bessel-corrected) standard deviation of every element of ``latents − shift`` on
         every rank of ``group`` taken together, as if the ranks' batches were concatenated: counts, sums and sums of
         squared deviations are all-reduced in float64 (two passes). On one process this is CompVis'
-        ``1 / z.flatten().std()`` (computed in float64 instead of float32). Every rank of ``group`` must call it.
+        ``1 / z.flatten().std()`` (computed in float64, then rounded to float32 as the checkpoint stores it). Every
+        rank of ``group`` must call it.
 
         Args:
             latents: Unscaled latents (``encode(x, scaled=False)``) of this rank's first training batch.
@@ -405,7 +406,8 @@ class FirstStage(nn.Module):
             described = f"{latents.dtype} Tensor" if isinstance(latents, Tensor) else type(latents).__name__
             raise ValueError(f"fit_scale needs floating latents, got a {described}")
         std = _pooled_std(latents, self.shift, group)
-        self._set_scale(1.0 / std, fitted=True)
+        # rounded to float32, the precision the checkpoint stores, so a resumed run uses the very same factor
+        self._set_scale(float(torch.tensor(1.0 / std, dtype=torch.float32)), fitted=True)
         log.info("first stage: scale_factor fitted to 1/std = %.8g", self._scale)
         return self._scale
 

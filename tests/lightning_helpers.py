@@ -5,6 +5,7 @@ Kept importable (``tests.lightning_helpers``) so that DDP-spawned processes and 
 
 from __future__ import annotations
 
+import tempfile
 from typing import Any
 
 import lightning.pytorch as L
@@ -89,8 +90,14 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 
 
 def make_trainer(**overrides: Any) -> L.Trainer:
-    """A ``L.Trainer`` with ``TRAINER_DEFAULTS``, each overridden by the keyword of the same name."""
-    return L.Trainer(**{**TRAINER_DEFAULTS, **overrides})
+    """A ``L.Trainer`` with ``TRAINER_DEFAULTS``, each overridden by the keyword of the same name.
+
+    Without a ``default_root_dir`` the Trainer writes (files of callbacks without a logger, checkpoints) under a fresh
+    temporary folder, never into the working directory.
+    """
+    options = {**TRAINER_DEFAULTS, **overrides}
+    options.setdefault("default_root_dir", tempfile.mkdtemp(prefix="lightning_ldm_test_"))
+    return L.Trainer(**options)
 
 
 class RecordingLogger(Logger):

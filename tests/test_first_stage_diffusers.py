@@ -83,6 +83,6 @@ def test_fit_scale_on_diffusers_latents() -> None:
     fs = FirstStage(vae, scale_by_std=True)
     raw = fs.encode(images(), generator=torch.Generator().manual_seed(0), scaled=False)
     value = fs.fit_scale(raw)
-    assert value == pytest.approx(1.0 / float((raw.double() - 0.5).std()), rel=1e-13)
+    assert value == pytest.approx(1.0 / float((raw.double() - 0.5).std()), rel=2**-24)  # float32-rounded
     z = fs.encode(images(), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(z, (raw - 0.5) * value, rtol=0, atol=0)
