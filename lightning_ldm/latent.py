@@ -54,7 +54,9 @@ class LatentDiffusionMixin(DiffusionMixin):
     as in CompVis).
     """
 
-    first_stage: FirstStage | None = None
+    # No class-level default: nn.Module keeps submodules in ``_modules`` and its ``__getattr__`` only runs when normal
+    # lookup fails, so a class attribute ``first_stage = None`` would hide the registered submodule.
+    first_stage: FirstStage
     conditioning_key: str | None = None
     denoiser_name: str = "model"
     _cond_dropout: dict[str, float] = {}  # noqa: RUF012 - replaced per instance
@@ -113,10 +115,16 @@ class LatentDiffusionMixin(DiffusionMixin):
         """The parameters that require grad (the frozen first stage's are left out): what the optimizer should get."""
         return (p for p in self.parameters() if p.requires_grad)
 
+    def _registered_first_stage(self) -> FirstStage | None:
+        """The first stage, or ``None`` before :meth:`register_first_stage`."""
+        stage = getattr(self, "first_stage", None)
+        return stage if isinstance(stage, FirstStage) else None
+
     def _require_first_stage(self) -> FirstStage:
-        if self.first_stage is None:
+        stage = self._registered_first_stage()
+        if stage is None:
             raise RuntimeError(f"{type(self).__name__} has no first stage: call self.register_first_stage(...) first")
-        return self.first_stage
+        return stage
 
     def encode_first_stage(self, x: Tensor) -> Tensor:
         """Scaled latents of ``x``; on the first training batch with ``scale_by_std``, fit the scale first.
@@ -210,7 +218,7 @@ class LatentDiffusionMixin(DiffusionMixin):
         z = self.ddim_sample(None, shape, cond=wrap, uncond=uwrap, **sample_options)
         if not isinstance(z, Tensor):  # pragma: no cover - return_intermediates was refused above
             raise TypeError(f"ddim_sample returned {type(z).__name__}")
-        if not decode or self.first_stage is None:
+        if not decode or self._registered_first_stage() is None:
             return z
         with self._precision_context():
             return self.decode_first_stage(z)
