@@ -1,4 +1,4 @@
-"""The latent-digits example: its data split, judge, grids, denoiser pieces, and a tiny run of the real entry point."""
+"""The latent-digits example: its data split, judge, denoiser wiring, and a tiny run of the real entry point."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from examples.latent_digits.autoencoder import DigitAutoencoder
 from examples.latent_digits.classifier import DigitClassifier
 from examples.latent_digits.data import DigitsDataModule, from_pixels, load_split, to_pixels
 from examples.latent_digits.denoiser import LatentDenoiser
-from examples.latent_digits.grids import DigitGridLogger, make_grid
-from examples.latent_digits.train import class_spread, main
+from examples.latent_digits.train import class_spread, main, save_grid
+from lightning_ldm.first_stage import FirstStage
 
 DIGITS_PER_CLASS = [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]  # sklearn's load_digits
 
@@ -75,18 +75,17 @@ def test_class_spread_is_the_mean_distance_to_the_class_mean() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------- grids
-def test_grid_tiles_rows_of_images_with_borders() -> None:
+def test_grid_tiles_rows_of_images_with_borders(tmp_path: Path) -> None:
     images = torch.stack([torch.full((1, 8, 8), -1.0), torch.full((1, 8, 8), 1.0), torch.zeros(1, 8, 8)])
-    grid = make_grid(images, nrow=2, scale=1, pad=1)
+    path = save_grid(tmp_path / "grid.png", images, nrow=2, scale=1)
+    with Image.open(path) as image:
+        grid = np.asarray(image)
     assert grid.shape == (2 * 9 + 1, 2 * 9 + 1) and grid.dtype == np.uint8
     assert (grid[1:9, 1:9] == 0).all() and (grid[1:9, 10:18] == 255).all() and (grid[10:18, 1:9] == 128).all()
     assert (grid[0] == 64).all() and (grid[10:18, 10:18] == 64).all()  # border, and the empty last cell
-    assert make_grid(images, nrow=2, scale=3).shape == (57, 57)
-
-
-def test_bad_grid_interval_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="every_n_steps must be an integer >= 1, got 0"):
-        DigitGridLogger(tmp_path, every_n_steps=0)
+    with Image.open(save_grid(tmp_path / "big.png", images, nrow=2, scale=3)) as image:
+        assert image.size == (57, 57)
+        np.testing.assert_array_equal(np.asarray(image)[::3, ::3], grid)  # nearest-neighbour upscaling
 
 
 # -------------------------------------------------------------------------------------------------------- denoiser
@@ -101,28 +100,52 @@ def test_bad_p_uncond_is_refused() -> None:
 
 
 def test_condition_dropout_draws_from_the_diffusion_generator() -> None:
-    model = _denoiser(p_uncond=0.3)
+    model = _denoiser(p_uncond=0.3).train()
     labels = torch.arange(10).repeat(1000)
     model.diffusion_generator = torch.Generator().manual_seed(5)
-    dropped = model.drop_condition(labels)
+    dropped = model.drop_conditions(labels)["c_crossattn"][0]  # the "adm" key keeps the class under c_crossattn
     expected_drop = torch.rand(10_000, generator=torch.Generator().manual_seed(5)) < 0.3
+    assert dropped.dtype == torch.long
     assert torch.equal(dropped == model.null_class, expected_drop)
     assert torch.equal(dropped[~expected_drop], labels[~expected_drop])
     assert abs(float(expected_drop.float().mean()) - 0.3) < 0.02
+    assert model.eval().drop_conditions(labels) is labels  # eval mode: no dropout
+
+
+def test_the_class_reaches_the_mlp_as_y_and_the_null_class_is_its_last_embedding() -> None:
+    model = _denoiser().eval()
+    with torch.no_grad():
+        for layer in model.model.output:  # the zero-initialised output layer would hide the condition
+            if isinstance(layer, torch.nn.Linear):
+                torch.nn.init.normal_(layer.weight)
+    x, t = torch.randn(4, *model.latent_shape), torch.tensor([0, 10, 500, 999])
+    labels = torch.tensor([3, 3, 7, model.null_class])
+    with torch.no_grad():
+        torch.testing.assert_close(model.apply_model(x, t, labels), model.model(x, t, y=labels))
+        assert not torch.allclose(model.apply_model(x, t, labels), model.apply_model(x, t, model.null_labels(labels)))
+    assert model.model.class_embedding.num_embeddings == model.null_class + 1 == 11
 
 
 def test_scale_is_one_over_the_std_of_the_first_batch_latents() -> None:
-    model = _denoiser()
+    model = _denoiser().train()
+    assert isinstance(model.first_stage, FirstStage) and not model.first_stage.autoencoder.training
     first, second = torch.rand(16, 1, 8, 8) * 2 - 1, torch.rand(16, 1, 8, 8)
-    model.on_train_batch_start((first, torch.zeros(16, dtype=torch.long)), 0)
     with torch.no_grad():
-        latents = model.first_stage.encode(first)
-    assert float(model.scale_factor) == pytest.approx(1.0 / float(latents.std()), rel=1e-6)
-    assert float(model.encode(first).std()) == pytest.approx(1.0, rel=1e-5)
-    kept = float(model.scale_factor)
-    model.on_train_batch_start((second, torch.zeros(16, dtype=torch.long)), 1)
-    assert float(model.scale_factor) == kept  # computed once
-    torch.testing.assert_close(model.decode(model.encode(first)), model.first_stage.decode(latents))
+        latents = model.first_stage.autoencoder.encode(first)
+        z = model.encode_first_stage(first)
+    assert model.first_stage.scale == pytest.approx(1.0 / float(latents.double().std()), rel=1e-12)
+    assert float(z.double().std()) == pytest.approx(1.0, rel=1e-5)
+    kept = model.first_stage.scale
+    with torch.no_grad():
+        model.encode_first_stage(second)
+    assert model.first_stage.scale == kept  # fitted once
+    torch.testing.assert_close(model.decode_first_stage(z), model.first_stage.autoencoder.decode(latents))
+    restored = _denoiser()
+    restored.load_state_dict(model.state_dict())
+    # saved in checkpoints (as float32, the buffer's dtype) and not fitted again
+    assert restored.first_stage.scale == float(torch.tensor(kept, dtype=torch.float32))
+    assert not restored.first_stage.needs_scale_fit
+    assert {id(p) for p in model.trainable_parameters()} == {id(p) for p in model.model.parameters()}
 
 
 # ------------------------------------------------------------------------------------------------------ smoke run
@@ -133,7 +156,7 @@ TINY = [
     "--model.hidden", "32", "--model.depth", "1", "--model.warmup_steps", "5",
     "--train.batch_size", "64", "--train.autoencoder_steps", "20", "--train.steps", "30",
     "--train.grid_every_n_steps", "10", "--train.grid_per_class", "2", "--train.grid_ddim_steps", "2",
-    "--train.log_every_n_steps", "5", "--train.ema_start", "5",
+    "--train.log_every_n_steps", "5", "--train.ema_start", "5", "--train.bucket_loss_every_n_steps", "10",
     "--eval.samples_per_class", "3", "--eval.ddim_steps", "4", "--eval.guidance_scales", "[1, 3]",
 ]  # fmt: skip
 
@@ -155,13 +178,21 @@ def test_example_runs_end_to_end_and_reuses_its_autoencoder(tmp_path: Path) -> N
     assert set(written["wall_seconds"]) == phases and set(written["cpu_seconds"]) == phases
     assert all(value >= 0 for value in written["wall_seconds"].values())
 
-    grids = sorted(path.name for path in (run_dir / "grids").iterdir())
-    assert grids == ["grid_step000010.png", "grid_step000020.png", "grid_step000030.png"]
-    with Image.open(run_dir / "grids" / grids[-1]) as image:
-        assert image.size == ((2 * 9 + 1) * 4, (10 * 9 + 1) * 4)  # 2 samples per class, a row per class
-    events = EventAccumulator(str(run_dir / "tensorboard" / "denoiser"), size_guidance={"images": 0})
+    # SampleLogger's grids: PNG files in the CSV logger's folder, and images in the TensorBoard event file
+    grid_dir = run_dir / "denoiser" / "samples"
+    grids = sorted(path.name for path in grid_dir.iterdir())
+    assert grids == ["samples_step0000010.png", "samples_step0000020.png", "samples_step0000030.png"]
+    grid_size = (2 * (8 + 2) + 2, 10 * (8 + 2) + 2)  # 2 samples per class, a row per class, SampleLogger's padding 2
+    with Image.open(grid_dir / grids[-1]) as image:
+        assert image.size == grid_size
+    events = EventAccumulator(str(run_dir / "tensorboard" / "denoiser"), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
-    assert [event.step for event in events.Images("samples/grid")] == [10, 20, 30]
+    images = events.Images("samples")
+    assert [event.step for event in images] == [10, 20, 30]
+    assert (images[-1].width, images[-1].height) == grid_size
+    assert any(tag.startswith("loss_bucket/") for tag in events.Tags()["scalars"])  # TimestepLossMonitor
+    assert "train/loss" in events.Tags()["scalars"]
+    assert (run_dir / "denoiser" / "metrics.csv").is_file()
     for name in ("accuracy.png", "accuracy.md", "samples_scale1.png", "samples_scale3.png", "samples.npz"):
         assert (run_dir / name).is_file() and (run_dir / name).stat().st_size > 0, name
     samples = np.load(run_dir / "samples.npz")

@@ -1,12 +1,12 @@
 """The class-conditional latent denoiser: a residual MLP on the flattened latents, and its LightningModule.
 
-:class:`LatentDenoiser` holds the frozen first stage (:class:`~examples.latent_digits.autoencoder.DigitAutoencoder`),
-encodes each batch to latents scaled to unit standard deviation (``scale_by_std``, as CompVis' ``LatentDiffusion``),
-replaces the class of a fraction ``p_uncond`` of the samples by the null class (condition dropout, what
-classifier-free guidance needs), trains with :meth:`~lightning_ldm.mixin.DiffusionMixin.diffusion_loss` and samples
-with :meth:`~lightning_ldm.mixin.DiffusionMixin.ddim_sample` and guidance.
-
-Places marked ``# LIBRARY:`` do by hand what a library piece will do; each names the piece.
+:class:`LatentDenoiser` is a :class:`~lightning_ldm.latent.LatentDiffusionMixin` module: the trained autoencoder
+(:class:`~examples.latent_digits.autoencoder.DigitAutoencoder`) is its frozen first stage with ``scale_by_std`` (the
+latents are scaled by ``1/std`` of the first training batch's latents, as CompVis' ``LatentDiffusion``); the class
+label is its condition under CompVis' ``"adm"`` key (``apply_model`` calls ``self.model(x, t, y=label)``), dropped to
+the null class ``NUM_CLASSES`` with probability ``p_uncond`` during training (what classifier-free guidance needs);
+it trains with :meth:`~lightning_ldm.latent.LatentDiffusionMixin.latent_diffusion_loss` and samples with DDIM and
+guidance through :meth:`~lightning_ldm.latent.LatentDiffusionMixin.sample`.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ from typing_extensions import override
 
 from examples.latent_digits.autoencoder import DigitAutoencoder
 from examples.latent_digits.data import NUM_CLASSES
-from lightning_ldm import DiffusionMixin, ScheduleName, SinusoidalTimestepEmbedding, zero_module
-from lightning_ldm.mixin import LossWeighting, Parameterization
+from lightning_ldm import ScheduleName, SinusoidalTimestepEmbedding, zero_module
+from lightning_ldm.latent import LatentDiffusionMixin
+from lightning_ldm.losses import LossWeighting
+from lightning_ldm.noise_schedule import Parameterization
 
 __all__ = ["LatentDenoiser", "LatentMLP"]
 
@@ -67,20 +69,23 @@ class LatentMLP(nn.Module):
         self.blocks = nn.ModuleList(_Block(hidden, dropout) for _ in range(depth))
         self.output = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), zero_module(nn.Linear(hidden, features)))
 
-    def forward(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
-        """Predict from noisy latents ``x`` ``(B, *latent_shape)``, timesteps ``t`` ``(B,)`` and classes ``cond``."""
-        emb = nn.functional.silu(self.time_embedding(t) + self.class_embedding(cond))
+    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        """Predict from noisy latents ``x`` ``(B, *latent_shape)``, timesteps ``t`` ``(B,)`` and classes ``y`` ``(B,)``.
+
+        ``y`` is CompVis' name of the class condition (``conditioning_key="adm"``); ``NUM_CLASSES`` is the null class.
+        """
+        emb = nn.functional.silu(self.time_embedding(t) + self.class_embedding(y))
         h = self.input(x.flatten(1))
         for block in self.blocks:
             h = block(h, emb)
         return self.output(h).view_as(x)
 
 
-class LatentDenoiser(DiffusionMixin, L.LightningModule):
+class LatentDenoiser(LatentDiffusionMixin, L.LightningModule):
     """Class-conditional latent diffusion on the digits' autoencoder latents.
 
     Args:
-        first_stage: The trained autoencoder (kept frozen, in eval mode).
+        first_stage: The trained autoencoder (registered as the frozen first stage, ``scale_by_std=True``).
         hidden: Width of the denoiser MLP.
         depth: Residual blocks of the denoiser MLP.
         dropout: Dropout inside the blocks.
@@ -92,10 +97,13 @@ class LatentDenoiser(DiffusionMixin, L.LightningModule):
         lr: Peak AdamW learning rate (linear warm-up, then cosine decay to 0 at ``trainer.max_steps``).
         weight_decay: AdamW weight decay.
         warmup_steps: Warm-up steps.
+
+    Raises:
+        ValueError: ``p_uncond`` is outside ``[0, 1)``.
     """
 
-    scale_factor: Tensor
-    scale_computed: Tensor
+    #: Index of the null class (no condition): the class embedding has ``NUM_CLASSES + 1`` rows.
+    null_class: int = NUM_CLASSES
 
     def __init__(
         self,
@@ -117,70 +125,29 @@ class LatentDenoiser(DiffusionMixin, L.LightningModule):
             raise ValueError(f"p_uncond must lie in [0, 1), got {p_uncond!r}")
         self.save_hyperparameters(ignore=["first_stage"])
         self.register_schedule(beta_schedule=beta_schedule, timesteps=timesteps, parameterization=parameterization)
-        # LIBRARY: FirstStage(scale_by_std=True) wraps the frozen autoencoder, its scale buffer and encode/decode.
-        self.first_stage = first_stage.eval().requires_grad_(False)
-        self.register_buffer("scale_factor", torch.tensor(1.0))
-        self.register_buffer("scale_computed", torch.tensor(False))
+        self.register_first_stage(first_stage, scale_by_std=True)
+        self.register_conditioning(
+            "adm", dropout=p_uncond, null={"c_crossattn": torch.tensor(self.null_class, dtype=torch.long)}
+        )
         self.latent_shape = (first_stage.latent_channels, 4, 4)
-        self.null_class = NUM_CLASSES
-        self.net = LatentMLP(self.latent_shape, hidden=hidden, depth=depth, dropout=dropout)
+        self.model = LatentMLP(self.latent_shape, hidden=hidden, depth=depth, dropout=dropout)
 
-    # ----------------------------------------------------------------------------------------- first stage
-    @torch.no_grad()
-    def encode(self, x: Tensor) -> Tensor:
-        """Images ``(B, 1, 8, 8)`` → scaled latents ``scale_factor·E(x)``."""
-        # LIBRARY: FirstStage.encode
-        return self.first_stage.encode(x) * self.scale_factor
-
-    @torch.no_grad()
-    def decode(self, z: Tensor) -> Tensor:
-        """Scaled latents → images ``D(z / scale_factor)`` in ``[−1, 1]``."""
-        # LIBRARY: FirstStage.decode
-        return self.first_stage.decode(z / self.scale_factor)
-
-    @override
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # LIBRARY: FirstStage(scale_by_std=True) computes 1/std of the first training batch's latents.
-        if not bool(self.scale_computed):
-            latents = self.first_stage.encode(batch[0])
-            self.scale_factor.fill_(1.0 / float(latents.flatten().std()))
-            self.scale_computed.fill_(True)
-
-    @override
-    def train(self, mode: bool = True) -> LatentDenoiser:
-        super().train(mode)
-        self.first_stage.eval()  # frozen: never in training mode
-        return self
-
-    # --------------------------------------------------------------------------------------- conditioning
-    def drop_condition(self, labels: Tensor) -> Tensor:
-        """Replace each label by the null class with probability ``p_uncond``, drawn from the diffusion generator."""
-        # LIBRARY: condition dropout drawn from the per-batch generator (ScheduleCallback seeds it per batch).
-        generator = self.diffusion_generator
-        device = generator.device if generator is not None else labels.device
-        drop = torch.rand(labels.shape[0], generator=generator, device=device).to(labels.device)
-        return torch.where(drop < self.hparams["p_uncond"], torch.full_like(labels, self.null_class), labels)
-
-    @override
-    def forward(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
-        # LIBRARY: DiffusionMixin.apply_model (routes the conditioning to the network).
-        return self.net(x, t, cond)
+    def null_labels(self, labels: Tensor) -> Tensor:
+        """The null class, shaped and placed like ``labels``: the unconditional condition of guidance."""
+        return torch.full_like(labels, self.null_class)
 
     # --------------------------------------------------------------------------------------------- training
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         images, labels = batch
-        z = self.encode(images)
-        loss = self.diffusion_loss(
-            self, z, model_kwargs={"cond": self.drop_condition(labels)}, loss_weighting=self.hparams["loss_weighting"]
-        )
+        loss = self.latent_diffusion_loss(images, cond=labels, loss_weighting=self.hparams["loss_weighting"])
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     @override
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.AdamW(
-            self.net.parameters(), lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"]
+            self.trainable_parameters(), lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"]
         )
         total = max(int(self.trainer.max_steps), 1)
         warmup = min(int(self.hparams["warmup_steps"]), total - 1)
@@ -195,7 +162,7 @@ class LatentDenoiser(DiffusionMixin, L.LightningModule):
 
     # --------------------------------------------------------------------------------------------- sampling
     @torch.no_grad()
-    def sample(
+    def sample_classes(
         self,
         labels: Tensor,
         *,
@@ -215,15 +182,12 @@ class LatentDenoiser(DiffusionMixin, L.LightningModule):
             Decoded samples on the CPU, float32.
         """
         labels = labels.to(self.device)
-        null = torch.full_like(labels, self.null_class)
-        z = self.ddim_sample(
-            self,
+        images = self.sample(
             (labels.shape[0], *self.latent_shape),
-            num_steps=num_steps,
-            guidance_scale=guidance_scale,
             cond=labels,
-            uncond=null,
+            uncond=self.null_labels(labels),
+            guidance_scale=guidance_scale,
+            num_steps=num_steps,
             generator=generator,
         )
-        assert isinstance(z, Tensor)
-        return self.decode(z.float()).float().cpu()
+        return images.float().cpu()

@@ -13,8 +13,10 @@ What happens:
    training part and scored on the held-out part: the ceiling of the sample accuracy.
 2. The autoencoder is trained with Lightning and saved as ``<run_dir>/autoencoder.pt`` (or loaded from there when
    its hyperparameters and steps match).
-3. The latent denoiser is trained with ``ScheduleCallback``, ``EMAWeightAveraging`` and the grid logger, which writes
-   a sample grid every N steps to ``<run_dir>/grids/`` and to the TensorBoard event file in ``<run_dir>/tensorboard/``.
+3. The latent denoiser is trained with ``ScheduleCallback``, ``EMAWeightAveraging``, ``TimestepLossMonitor`` and
+   ``SampleLogger``, which samples a grid (a row per class, EMA weights) every N steps and writes it to the TensorBoard
+   event file in ``<run_dir>/tensorboard/denoiser/`` and as a PNG to ``<run_dir>/denoiser/samples/`` (the folder of
+   the CSV logger, which also holds ``metrics.csv``).
 4. With the EMA weights, ``samples_per_class`` digits of each class are sampled with DDIM at each guidance scale and
    labelled by the judge; the accuracy table is printed and written with the plot ``accuracy.png``, the sample grids
    ``samples_scale{s}.png`` and ``summary.json`` (``accuracy`` by guidance scale, ``real_holdout_accuracy``, wall and
@@ -38,15 +40,15 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from lightning.fabric.utilities.seed import seed_everything
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import EMAWeightAveraging
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from torch import Tensor
 
 from examples.latent_digits.autoencoder import DigitAutoencoder, load_or_train_autoencoder
 from examples.latent_digits.classifier import DigitClassifier
 from examples.latent_digits.data import NUM_CLASSES, DigitsDataModule
 from examples.latent_digits.denoiser import LatentDenoiser
-from examples.latent_digits.grids import DigitGridLogger, save_grid
-from lightning_ldm.callbacks import ScheduleCallback
+from lightning_ldm.callbacks import SampleLogger, ScheduleCallback, TimestepLossMonitor
+from lightning_ldm.media import image_grid, to_uint8, write_png
 
 log = logging.getLogger("examples.latent_digits")
 
@@ -62,11 +64,12 @@ class TrainOptions:
         steps: Optimizer steps of the denoiser.
         ema_decay: EMA decay of the denoiser weights.
         ema_start: First step of the EMA.
-        grid_every_n_steps: Interval of the training grids.
+        grid_every_n_steps: Interval of the training grids (``SampleLogger``).
         grid_per_class: Samples per class in a training grid.
         grid_guidance_scale: Guidance scale of the training grids.
         grid_ddim_steps: DDIM steps of the training grids.
         log_every_n_steps: Trainer logging interval.
+        bucket_loss_every_n_steps: Window of the loss by timestep bucket (``TimestepLossMonitor``).
         progress_bar: Show Lightning's progress bar.
     """
 
@@ -81,6 +84,7 @@ class TrainOptions:
     grid_guidance_scale: float = 3.0
     grid_ddim_steps: int = 20
     log_every_n_steps: int = 10
+    bucket_loss_every_n_steps: int = 100
     progress_bar: bool = False
 
 
@@ -140,12 +144,12 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def _trainer(run_dir: Path, version: str, steps: int, options: TrainOptions, callbacks: list[Any]) -> Trainer:
+def _trainer(steps: int, options: TrainOptions, loggers: list[Logger], callbacks: list[Any]) -> Trainer:
     return Trainer(
         max_steps=steps,
         accelerator="cpu",
         devices=1,
-        logger=TensorBoardLogger(run_dir, name="tensorboard", version=version, default_hp_metric=False),
+        logger=loggers,
         callbacks=callbacks,
         enable_checkpointing=False,
         enable_progress_bar=options.progress_bar,
@@ -153,6 +157,16 @@ def _trainer(run_dir: Path, version: str, steps: int, options: TrainOptions, cal
         log_every_n_steps=options.log_every_n_steps,
         deterministic=True,
     )
+
+
+def _tensorboard(run_dir: Path, version: str) -> TensorBoardLogger:
+    return TensorBoardLogger(run_dir, name="tensorboard", version=version, default_hp_metric=False)
+
+
+def save_grid(path: Path, images: Tensor, nrow: int, scale: int = 4) -> Path:
+    """Write images ``(N, 1, H, W)`` in ``[−1, 1]`` as one PNG grid of rows of ``nrow``, upscaled ``scale`` times."""
+    grid = image_grid(to_uint8(images), nrow=nrow, padding=1, pad_value=64)
+    return write_png(path, grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2))
 
 
 def class_spread(images: Tensor, labels: Tensor) -> float:
@@ -185,7 +199,7 @@ def evaluate(
     arrays: dict[str, np.ndarray] = {"labels": labels.numpy()}
     for scale in options.guidance_scales:
         generator = torch.Generator().manual_seed(options.sample_seed)
-        images = model.sample(labels, guidance_scale=scale, num_steps=options.ddim_steps, generator=generator)
+        images = model.sample_classes(labels, guidance_scale=scale, num_steps=options.ddim_steps, generator=generator)
         correct = judge.predict(images) == labels.numpy()
         per_class = correct.reshape(NUM_CLASSES, -1).mean(axis=1)
         results[f"{scale:g}"] = {
@@ -263,7 +277,7 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
     autoencoder_hparams = {**dict(config.autoencoder), "steps": train.autoencoder_steps, "seed": config.seed}
     first_stage, loaded = load_or_train_autoencoder(
         run_dir / "autoencoder.pt",
-        lambda: _trainer(run_dir, "autoencoder", train.autoencoder_steps, train, []),
+        lambda: _trainer(train.autoencoder_steps, train, [_tensorboard(run_dir, "autoencoder")], []),
         data,
         saved_hparams=autoencoder_hparams,
         **dict(config.autoencoder),
@@ -279,20 +293,27 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
 
     seed_everything(config.seed, workers=True, verbose=False)  # same denoiser whether the autoencoder was loaded
     model = LatentDenoiser(first_stage, **dict(config.model))
-    grids = DigitGridLogger(
-        run_dir / "grids",
+    grid_labels = torch.arange(NUM_CLASSES).repeat_interleave(train.grid_per_class)  # a row per class
+    grids = SampleLogger(
+        (grid_labels.shape[0], *model.latent_shape),
         every_n_steps=train.grid_every_n_steps,
-        per_class=train.grid_per_class,
-        guidance_scale=train.grid_guidance_scale,
+        at_validation_end=False,
         num_steps=train.grid_ddim_steps,
+        guidance_scale=train.grid_guidance_scale,
+        cond=grid_labels,
+        uncond=model.null_labels(grid_labels),
         seed=options.sample_seed,
+        nrow=train.grid_per_class,
     )
     callbacks = [
         ScheduleCallback(seed=config.seed),
         EMAWeightAveraging(decay=train.ema_decay, update_starting_at_step=train.ema_start),
-        grids,  # after the EMA callback: the last grid shows the EMA weights
+        TimestepLossMonitor(log_every_n_steps=train.bucket_loss_every_n_steps),
+        grids,  # after the EMA callback: the grids show the EMA weights, that step's update included
     ]
-    trainer = _trainer(run_dir, "denoiser", train.steps, train, callbacks)
+    # the CSV logger comes first: its folder <run_dir>/denoiser/ gets metrics.csv and the grids' PNG files
+    loggers: list[Logger] = [CSVLogger(run_dir, name="", version="denoiser"), _tensorboard(run_dir, "denoiser")]
+    trainer = _trainer(train.steps, train, loggers, callbacks)
     trainer.fit(model, datamodule=data)
     trainer.save_checkpoint(run_dir / "denoiser.ckpt", weights_only=True)  # the EMA weights, first stage included
     clock.lap("denoiser")
@@ -314,13 +335,16 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
             "holdout_reconstruction_mse": reconstruction,
             "judge_accuracy_on_reconstructions": reconstruction_accuracy,
         },
-        "scale_factor": float(model.scale_factor),
+        "scale_factor": model.first_stage.scale,
         "steps": int(trainer.global_step),
         "wall_seconds": {**clock.wall, "total": sum(clock.wall.values())},
         "cpu_seconds": {**clock.cpu, "total": sum(clock.cpu.values())},
         "torch_threads": torch.get_num_threads(),
-        "grids": [str(path) for path in grids.written],
-        "files": {"figure": str(figure), "tensorboard": str(run_dir / "tensorboard")},
+        "files": {
+            "figure": str(figure),
+            "tensorboard": str(run_dir / "tensorboard"),
+            "grids": str(run_dir / "denoiser" / "samples"),
+        },
         "config": _jsonable(config),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
