@@ -133,7 +133,7 @@ def test_scale_is_one_over_the_std_of_the_first_batch_latents() -> None:
     with torch.no_grad():
         latents = model.first_stage.autoencoder.encode(first)
         z = model.encode_first_stage(first)
-    assert model.first_stage.scale == pytest.approx(1.0 / float(latents.double().std()), rel=1e-12)
+    assert model.first_stage.scale == pytest.approx(1.0 / float(latents.double().std()), rel=2**-24)  # float32-rounded
     assert float(z.double().std()) == pytest.approx(1.0, rel=1e-5)
     kept = model.first_stage.scale
     with torch.no_grad():
