@@ -16,7 +16,7 @@ from lightning_ldm._checks import check_int
 from lightning_ldm.callbacks._diffusion import diffusion_module, schedule_timesteps
 from lightning_ldm.callbacks._schedule_curve import write_curve
 from lightning_ldm.metrics import TimestepBucketLoss
-from lightning_ldm.schedules import LOG_FLOOR
+from lightning_ldm.schedules import log_snr
 
 __all__ = ["TimestepLossMonitor"]
 
@@ -106,10 +106,8 @@ class TimestepLossMonitor(Callback):
             self.bucket_loss = TimestepBucketLoss(num_timesteps, self.num_buckets)
         self.bucket_loss.to(pl_module.device)
         self._warned_nan = False
-        # from the float32 SNR table (computed in float64) rather than from the float32 ā: near ā = 1 the float32
-        # rounding of ā is a 6e-4 relative error in 1 − ā; log(max(snr, 1e-20)) equals schedules.log_snr there.
-        steps = torch.arange(num_timesteps, device=pl_module.device)
-        self.log_snr = module.snr(steps).detach().to("cpu", torch.float64).clamp(min=LOG_FLOOR).log()
+        alphas_cumprod = module.require_schedule().tables_float64["alphas_cumprod"]
+        self.log_snr = torch.from_numpy(log_snr(alphas_cumprod))  # float64, from the float64 table
         if self.log_schedule and trainer.is_global_zero:
             self.write_schedule_curve(trainer, self.log_snr)
 
