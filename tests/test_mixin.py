@@ -23,6 +23,7 @@ from lightning_ldm.embedding import timestep_embedding
 from lightning_ldm.mixin import DiffusionMixin
 from lightning_ldm.noise_schedule import SCHEDULE_TABLES
 from tests import compvis_reference as compvis
+from tests.lightning_helpers import make_trainer
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*does not have many workers:UserWarning",
@@ -69,20 +70,6 @@ class Toy(DiffusionMixin, L.LightningModule):
     def train_dataloader(self) -> DataLoader:
         g = torch.Generator().manual_seed(0)
         return DataLoader(TensorDataset(torch.randn(16, 2, 4, 4, generator=g)), batch_size=4)
-
-
-def make_trainer(**kwargs: Any) -> L.Trainer:
-    options: dict[str, Any] = dict(
-        accelerator="cpu",
-        devices=1,
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    options.update(kwargs)
-    return L.Trainer(**options)
 
 
 def ref_betas(schedule: str, n: int, ls: float = 1e-4, le: float = 2e-2, s: float = 8e-3) -> np.ndarray:
