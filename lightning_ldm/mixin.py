@@ -32,10 +32,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ldm import losses
-from lightning_ldm._checks import check_floating, check_int, check_real
+from lightning_ldm._checks import check_floating, check_real
 from lightning_ldm.checkpointing import checkpoint as _checkpoint
 from lightning_ldm.ddim import ddim_sample as _ddim_sample
-from lightning_ldm.embedding import SinusoidalTimestepEmbedding
+from lightning_ldm.embedding import timestep_embedding
 from lightning_ldm.guidance import Conditioning, eval_mode, guided_model
 from lightning_ldm.losses import LossType, LossWeighting
 from lightning_ldm.noise_schedule import Parameterization
@@ -216,12 +216,12 @@ class DiffusionMixin(ScheduleHolder):
 
     # --------------------------------------------------------------------------- embedding and checkpointing
     def embed_timesteps(self, t: Tensor, dim: int, max_period: float = 10000) -> Tensor:
-        """Sinusoidal embedding of ``t`` (float32 ``(B, dim)``, cos first), from a cached module outside the tree."""
-        cache: dict[tuple[int, float], nn.Module] = self.__dict__.setdefault("_ldm_embedders", {})
-        key = (check_int("dim", dim, minimum=1), check_real("max_period", max_period, minimum=0.0, min_inclusive=False))
-        if key not in cache:
-            cache[key] = SinusoidalTimestepEmbedding(dim, max_period=max_period)
-        return cache[key](t)
+        """Sinusoidal embedding of ``t``, float32 ``(B, dim)``, cos first (:func:`~lightning_ldm.timestep_embedding`).
+
+        Computed outside the module tree (nothing in the ``state_dict``, nothing a precision flag could cast), from
+        the function's cached tables; traced into one graph under ``torch.compile``.
+        """
+        return timestep_embedding(t, dim, max_period)
 
     def checkpointed(
         self,

@@ -196,8 +196,8 @@ def test_loss_aware_repeated_timestep_in_one_batch_keeps_order() -> None:
 
 @settings(max_examples=40, deadline=None)
 @given(
-    losses=st.lists(st.floats(0.0, 1e3, allow_nan=False), min_size=6, max_size=6),
-    uniform_prob=st.floats(0.0, 1.0),
+    losses=st.lists(st.floats(0.0, 1e3, allow_nan=False, allow_subnormal=False), min_size=6, max_size=6),
+    uniform_prob=st.floats(0.0, 1.0, allow_subnormal=False),
 )
 def test_loss_aware_probabilities_are_a_distribution(losses: list[float], uniform_prob: float) -> None:
     sampler = LossAwareSampler(history_per_term=1, uniform_prob=uniform_prob)
