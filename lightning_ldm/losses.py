@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -17,6 +17,7 @@ from torch import Tensor
 
 from lightning_ldm import noising
 from lightning_ldm._checks import check_choice, check_floating, check_same_shape, check_tensor, check_timesteps
+from lightning_ldm.checkpointing import AUTOCAST_DEVICE_TYPES
 from lightning_ldm.nn import mean_flat
 
 if TYPE_CHECKING:
@@ -145,12 +146,11 @@ def diffusion_loss(
         return scaled.mean(), per_sample
 
 
-@contextlib.contextmanager
-def _autocast_off(device_type: str) -> Iterator[None]:
-    """Disable autocast for ``device_type`` (if autocast exists there) so the loss reduction stays float32."""
-    try:
-        context: contextlib.AbstractContextManager[Any] = torch.autocast(device_type=device_type, enabled=False)
-    except RuntimeError:  # pragma: no cover - a device type without autocast support
-        context = contextlib.nullcontext()
-    with context:
-        yield
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """A context that disables autocast for ``device_type`` (a no-op where autocast does not exist).
+
+    A plain context-manager object, not a generator, so that ``torch.compile`` traces it on every supported torch.
+    """
+    if device_type in AUTOCAST_DEVICE_TYPES:
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
