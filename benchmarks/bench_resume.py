@@ -97,7 +97,7 @@ def run(cfg: Config) -> list[Result]:
             100.0 * tables_cost / m["load"],
             None,
             unit="%",
-            context=ctx + "; only state dicts that carry the tables pay it (each table compared at its stored precision)",
+            context=ctx + "; only state dicts that carry the tables pay it (each compared at its stored precision)",
             extra={"median_s": m, "table_check_s": tables_cost},
             goal_note="context (a one-off at load)",
         ),
