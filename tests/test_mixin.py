@@ -1159,3 +1159,12 @@ def test_embed_timesteps_caches_per_exact_max_period() -> None:
 def test_zero_terminal_snr_with_eps_warns_at_registration() -> None:
     with pytest.warns(UserWarning, match=r"zero_terminal_snr=True, parameterization='eps'.*parameterization='v'"):
         bare(timesteps=100, zero_terminal_snr=True, parameterization="eps")
+
+
+def test_vlb_weights_formula_is_a_deprecated_alias() -> None:
+    from lightning_ldm.noise_schedule import vlb_weights
+
+    tables = ref_tables(ref_betas("linear", 50))
+    with pytest.warns(DeprecationWarning, match=r"vlb_weights_formula is deprecated; use .*noise_schedule.vlb_weights"):
+        got = DiffusionMixin.vlb_weights_formula(tables, "eps")
+    np.testing.assert_array_equal(got, vlb_weights(tables, "eps"))
