@@ -14,7 +14,7 @@ key             call
 ==============  ==============================================================================================
 
 A condition that is not a dict (a Tensor, or a list of Tensors) goes under ``"c_concat"`` for ``"concat"`` and under
-``"c_crossattn"`` otherwise. :class:`~lightning_ldm.config.HybridConditioner` returns the dict form directly.
+``"c_crossattn"`` otherwise. :class:`HybridConditioner` returns the dict form directly.
 
 Where the reference silently ignores or misroutes input (a condition passed to an unconditional model, a ``c_concat``
 given to a cross-attention model, several ``adm`` vectors of which it keeps the first), these functions raise.
@@ -30,15 +30,17 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, TypeAlias, get_args
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_ldm._checks import check_choice, check_real
+from lightning_ldm.instantiation import instantiate_from_config
 
 __all__ = [
     "CONDITIONING_KEYS",
     "COND_DICT_KEYS",
     "CondDict",
     "ConditioningKey",
+    "HybridConditioner",
     "apply_conditioned",
     "as_cond_dict",
     "drop_conditions",
@@ -246,3 +248,44 @@ def drop_conditions(
         masks[key] = torch.rand(batch, generator=generator, device=device, dtype=torch.float32) < p[key]
         new[key] = [_replace(key, i, c, n, masks[key]) for i, (c, n) in enumerate(zip(tensors, nulls, strict=True))]
     return new, masks
+
+
+def _build(name: str, spec: Any, allowed_prefixes: Sequence[str] | None) -> Callable[..., Any]:
+    built = spec if isinstance(spec, nn.Module) else instantiate_from_config(spec, allowed_prefixes=allowed_prefixes)
+    if not callable(built):
+        raise TypeError(f"{name} must be an nn.Module or a config that builds a callable one, got {built!r}")
+    return built
+
+
+class HybridConditioner(nn.Module):
+    """Condition through concatenation and cross-attention at once.
+
+    Args:
+        c_concat_config: Config of the concat conditioner (see :func:`instantiate_from_config`) or a ready module.
+        c_crossattn_config: Config of the cross-attention conditioner, or a ready module.
+        allowed_prefixes: Restrict the modules the configs may import (see :func:`get_obj_from_str`). When the
+            conditioner is itself built by a restricted :func:`instantiate_from_config`, that restriction applies
+            too; this argument can only narrow it.
+
+    Raises:
+        TypeError: A config builds something that is not callable (e.g. a sentinel string giving ``None``).
+        KeyError, ValueError, ConfigImportError: See :func:`instantiate_from_config`.
+    """
+
+    def __init__(
+        self,
+        c_concat_config: Mapping[str, Any] | nn.Module,
+        c_crossattn_config: Mapping[str, Any] | nn.Module,
+        *,
+        allowed_prefixes: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.concat_conditioner = _build("c_concat_config", c_concat_config, allowed_prefixes)
+        self.crossattn_conditioner = _build("c_crossattn_config", c_crossattn_config, allowed_prefixes)
+
+    def forward(self, c_concat: Tensor, c_crossattn: Tensor) -> dict[str, list[Tensor]]:
+        """Return ``{"c_concat": [f(c_concat)], "c_crossattn": [g(c_crossattn)]}``."""
+        return {
+            "c_concat": [self.concat_conditioner(c_concat)],
+            "c_crossattn": [self.crossattn_conditioner(c_crossattn)],
+        }

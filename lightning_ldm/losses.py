@@ -18,7 +18,7 @@ from torch import Tensor
 from lightning_ldm import noising
 from lightning_ldm._checks import check_choice, check_floating, check_same_shape, check_tensor, check_timesteps
 from lightning_ldm.checkpointing import AUTOCAST_DEVICE_TYPES
-from lightning_ldm.nn import mean_flat
+from lightning_ldm.ops import mean_flat
 
 if TYPE_CHECKING:
     from lightning_ldm.noise_schedule import NoiseSchedule

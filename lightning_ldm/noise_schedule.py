@@ -40,7 +40,7 @@ from lightning_ldm._checks import (
     describe,
 )
 from lightning_ldm.losses import LOSS_WEIGHTINGS, LossWeighting, min_snr_weights
-from lightning_ldm.nn import gather_coefficients
+from lightning_ldm.ops import gather_coefficients
 from lightning_ldm.schedules import (
     SCHEDULES,
     TABLE_NAMES,

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from lightning_ldm._checks import check_floating, check_same_shape, check_timesteps
-from lightning_ldm.nn import gather_coefficients
+from lightning_ldm.ops import gather_coefficients
 
 __all__ = [
     "combine",

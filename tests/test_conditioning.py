@@ -17,7 +17,7 @@ from lightning_ldm.conditioning import (
     as_cond_dict,
     drop_conditions,
 )
-from lightning_ldm.config import HybridConditioner
+from lightning_ldm.conditioning import HybridConditioner
 
 
 class Recorder:

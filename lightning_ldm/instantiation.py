@@ -1,4 +1,4 @@
-"""Build objects from ``{"target": "package.module.Name", "params": {...}}`` configs, and the HybridConditioner.
+"""Build objects from ``{"target": "package.module.Name", "params": {...}}`` configs (CompVis' loader, restricted).
 
 A config names code to import and call, so a config from elsewhere can run anything importable (``os.system``,
 ``subprocess.Popen``). Pass ``allowed_prefixes`` to restrict the modules a config may reach. The restriction holds for
@@ -10,7 +10,7 @@ everything built from that config:
   ``__name__``), so an allowed module cannot re-export ``os.system`` or hand out the modules it imported;
 * the package's own loaders (:func:`instantiate_from_config`, :func:`get_obj_from_str`) are not targets;
 * while a target runs, the restriction is active in a context variable: any config built inside it (the nested configs
-  of a :class:`HybridConditioner`, or any class whose ``__init__`` calls :func:`instantiate_from_config`) must satisfy
+  of a :class:`~lightning_ldm.conditioning.HybridConditioner`, or any class whose ``__init__`` calls :func:`instantiate_from_config`) must satisfy
   it as well as its own ``allowed_prefixes``, which can narrow but never widen it;
 * what a target returns may not be a callable (or module) defined outside the allowed prefixes.
 """
@@ -24,9 +24,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from torch import Tensor, nn
-
-__all__ = ["ConfigImportError", "HybridConditioner", "get_obj_from_str", "instantiate_from_config"]
+__all__ = ["ConfigImportError", "get_obj_from_str", "instantiate_from_config"]
 
 _SENTINELS = ("__is_first_stage__", "__is_unconditional__")
 
@@ -209,44 +207,3 @@ def instantiate_from_config(config: Any, *, allowed_prefixes: Sequence[str] | No
     if callable(built) or isinstance(built, types.ModuleType):
         _check_origin(f"target={config['target']!r} returned", built, restrictions)
     return built
-
-
-def _build(name: str, spec: Any, allowed_prefixes: Sequence[str] | None) -> Callable[..., Any]:
-    built = spec if isinstance(spec, nn.Module) else instantiate_from_config(spec, allowed_prefixes=allowed_prefixes)
-    if not callable(built):
-        raise TypeError(f"{name} must be an nn.Module or a config that builds a callable one, got {built!r}")
-    return built
-
-
-class HybridConditioner(nn.Module):
-    """Condition through concatenation and cross-attention at once.
-
-    Args:
-        c_concat_config: Config of the concat conditioner (see :func:`instantiate_from_config`) or a ready module.
-        c_crossattn_config: Config of the cross-attention conditioner, or a ready module.
-        allowed_prefixes: Restrict the modules the configs may import (see :func:`get_obj_from_str`). When the
-            conditioner is itself built by a restricted :func:`instantiate_from_config`, that restriction applies
-            too; this argument can only narrow it.
-
-    Raises:
-        TypeError: A config builds something that is not callable (e.g. a sentinel string giving ``None``).
-        KeyError, ValueError, ConfigImportError: See :func:`instantiate_from_config`.
-    """
-
-    def __init__(
-        self,
-        c_concat_config: Mapping[str, Any] | nn.Module,
-        c_crossattn_config: Mapping[str, Any] | nn.Module,
-        *,
-        allowed_prefixes: Sequence[str] | None = None,
-    ) -> None:
-        super().__init__()
-        self.concat_conditioner = _build("c_concat_config", c_concat_config, allowed_prefixes)
-        self.crossattn_conditioner = _build("c_crossattn_config", c_crossattn_config, allowed_prefixes)
-
-    def forward(self, c_concat: Tensor, c_crossattn: Tensor) -> dict[str, list[Tensor]]:
-        """Return ``{"c_concat": [f(c_concat)], "c_crossattn": [g(c_crossattn)]}``."""
-        return {
-            "c_concat": [self.concat_conditioner(c_concat)],
-            "c_crossattn": [self.crossattn_conditioner(c_crossattn)],
-        }

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from lightning_ldm.blending import AlphaBlender
-from lightning_ldm.config import ConfigImportError, HybridConditioner, get_obj_from_str, instantiate_from_config
+from lightning_ldm.conditioning import HybridConditioner
+from lightning_ldm.instantiation import ConfigImportError, get_obj_from_str, instantiate_from_config
 
 SAFE = ["lightning_ldm.", "torch.nn."]
 
@@ -55,13 +56,13 @@ def test_disallowed_target_is_refused_before_importing(monkeypatch):
 
 
 def test_reexported_object_outside_prefixes_refused():
-    # lightning_ldm.config imports importlib; the allowed module must not hand out importlib.import_module
+    # lightning_ldm.instantiation imports importlib; the allowed module must not hand out importlib.import_module
     with pytest.raises(ConfigImportError, match="has no attribute 'import_module'"):
-        get_obj_from_str("lightning_ldm.config.import_module", allowed_prefixes=SAFE)
+        get_obj_from_str("lightning_ldm.instantiation.import_module", allowed_prefixes=SAFE)
     with pytest.raises(ValueError, match=r"resolves to an object defined in 'importlib', outside allowed_prefixes"):
-        get_obj_from_str("lightning_ldm.config.importlib", allowed_prefixes=SAFE)
+        get_obj_from_str("lightning_ldm.instantiation.importlib", allowed_prefixes=SAFE)
     with pytest.raises(ValueError, match=r"resolves to an object defined in 'collections.abc'"):
-        get_obj_from_str("lightning_ldm.config.Mapping", allowed_prefixes=SAFE)
+        get_obj_from_str("lightning_ldm.instantiation.Mapping", allowed_prefixes=SAFE)
 
 
 @pytest.mark.parametrize(
@@ -187,7 +188,7 @@ def test_canary_records_when_unrestricted(canary):
 
 def test_hybrid_conditioner_nested_configs_inherit_the_restriction(canary):
     config = {
-        "target": "lightning_ldm.config.HybridConditioner",
+        "target": "lightning_ldm.conditioning.HybridConditioner",
         "params": {"c_concat_config": {"target": "torch.nn.Identity"}, "c_crossattn_config": {"target": "os.system"}},
     }
     with pytest.raises(ValueError, match=r"target='os.system' is not allowed: it lies outside allowed_prefixes="):
@@ -208,21 +209,21 @@ def test_hybrid_conditioner_nested_configs_inherit_the_restriction(canary):
 
 def test_nested_hybrid_conditioners_inherit_at_every_depth(canary):
     inner = {
-        "target": "lightning_ldm.config.HybridConditioner",
+        "target": "lightning_ldm.conditioning.HybridConditioner",
         "params": {"c_concat_config": {"target": "torch.nn.Identity"}, "c_crossattn_config": {"target": "os.system"}},
     }
     outer = {
-        "target": "lightning_ldm.config.HybridConditioner",
+        "target": "lightning_ldm.conditioning.HybridConditioner",
         "params": {"c_concat_config": {"target": "torch.nn.Identity"}, "c_crossattn_config": inner},
     }
     with pytest.raises(ValueError, match=r"target='os.system' is not allowed"):
         instantiate_from_config(outer, allowed_prefixes=SAFE)
     good = {
-        "target": "lightning_ldm.config.HybridConditioner",
+        "target": "lightning_ldm.conditioning.HybridConditioner",
         "params": {
             "c_concat_config": {"target": "torch.nn.Identity"},
             "c_crossattn_config": {
-                "target": "lightning_ldm.config.HybridConditioner",
+                "target": "lightning_ldm.conditioning.HybridConditioner",
                 "params": {
                     "c_concat_config": {"target": "torch.nn.Flatten"},
                     "c_crossattn_config": {"target": "torch.nn.Tanh"},
@@ -247,8 +248,8 @@ class _BuildsInInit(nn.Module):
 
 def test_any_class_building_configs_in_init_inherits(canary, monkeypatch):
     monkeypatch.setattr(_BuildsInInit, "__module__", "lightning_ldm.user_block")
-    monkeypatch.setattr(sys.modules["lightning_ldm.config"], "BuildsInInit", _BuildsInInit, raising=False)
-    config = {"target": "lightning_ldm.config.BuildsInInit", "params": {"sub": {"target": "os.system"}}}
+    monkeypatch.setattr(sys.modules["lightning_ldm.instantiation"], "BuildsInInit", _BuildsInInit, raising=False)
+    config = {"target": "lightning_ldm.instantiation.BuildsInInit", "params": {"sub": {"target": "os.system"}}}
     with pytest.raises(ValueError, match=r"target='os.system' is not allowed"):
         instantiate_from_config(config, allowed_prefixes=SAFE)
     config["params"]["sub"] = {"target": "torch.nn.ReLU"}
@@ -259,7 +260,7 @@ def test_any_class_building_configs_in_init_inherits(canary, monkeypatch):
 
 
 @pytest.mark.parametrize("loader", ["instantiate_from_config", "get_obj_from_str"])
-@pytest.mark.parametrize("module", ["lightning_ldm.config", "lightning_ldm"])
+@pytest.mark.parametrize("module", ["lightning_ldm.instantiation", "lightning_ldm"])
 def test_loaders_are_not_targets(canary, loader, module):
     params = (
         {"config": {"target": "os.system", "params": {"command": "true"}}}
@@ -280,10 +281,10 @@ def test_loaders_called_inside_a_restricted_build_stay_restricted(canary, monkey
             self.fn = get_obj_from_str(name)
 
     monkeypatch.setattr(Relay, "__module__", "lightning_ldm.relay")
-    monkeypatch.setattr(sys.modules["lightning_ldm.config"], "Relay", Relay, raising=False)
+    monkeypatch.setattr(sys.modules["lightning_ldm.instantiation"], "Relay", Relay, raising=False)
     with pytest.raises(ValueError, match=r"target='os.system' is not allowed"):
         instantiate_from_config(
-            {"target": "lightning_ldm.config.Relay", "params": {"name": "os.system"}}, allowed_prefixes=SAFE
+            {"target": "lightning_ldm.instantiation.Relay", "params": {"name": "os.system"}}, allowed_prefixes=SAFE
         )
 
 
@@ -292,17 +293,17 @@ def test_out_of_prefix_callable_is_never_returned(canary, monkeypatch):
         return get_obj_from_str.__globals__["importlib"].import_module("os").system if name else None
 
     hand_out.__module__ = "lightning_ldm.factory"
-    monkeypatch.setattr(sys.modules["lightning_ldm.config"], "hand_out", hand_out, raising=False)
+    monkeypatch.setattr(sys.modules["lightning_ldm.instantiation"], "hand_out", hand_out, raising=False)
     with pytest.raises(
-        ValueError, match=r"target='lightning_ldm.config.hand_out' returned an object defined in 'posix'"
+        ValueError, match=r"target='lightning_ldm.instantiation.hand_out' returned an object defined in 'posix'"
     ):
         instantiate_from_config(
-            {"target": "lightning_ldm.config.hand_out", "params": {"name": "x"}}, allowed_prefixes=SAFE
+            {"target": "lightning_ldm.instantiation.hand_out", "params": {"name": "x"}}, allowed_prefixes=SAFE
         )
     # a non-callable result (None here) is fine
     assert (
         instantiate_from_config(
-            {"target": "lightning_ldm.config.hand_out", "params": {"name": ""}}, allowed_prefixes=SAFE
+            {"target": "lightning_ldm.instantiation.hand_out", "params": {"name": ""}}, allowed_prefixes=SAFE
         )
         is None
     )
@@ -312,7 +313,7 @@ def test_out_of_prefix_callable_is_never_returned(canary, monkeypatch):
     ("target", "error", "match"),
     [
         # an attribute path that walks through a module object into another package: not a module, so not importable
-        ("lightning_ldm.config.importlib.import_module", ConfigImportError, "could not import module"),
+        ("lightning_ldm.instantiation.importlib.import_module", ConfigImportError, "could not import module"),
         ("torch.nn.modules.module.torch.load", ConfigImportError, "could not import module"),
         # an imported module or a re-exported object is judged by where it is really defined
         (
@@ -320,13 +321,13 @@ def test_out_of_prefix_callable_is_never_returned(canary, monkeypatch):
             ValueError,
             r"resolves to an object defined in 'torch', outside .* \(a module\)",
         ),
-        ("lightning_ldm.config.contextvars", ValueError, r"resolves to an object defined in 'contextvars'"),
-        ("lightning_ldm.config.Tensor", ValueError, r"resolves to an object defined in 'torch'"),
+        ("lightning_ldm.instantiation.contextvars", ValueError, r"resolves to an object defined in 'contextvars'"),
+        ("lightning_ldm.conditioning.Tensor", ValueError, r"resolves to an object defined in 'torch'"),
         ("torch.nn.functional.torch", ValueError, r"defined in 'torch', outside .* \(a module\)"),
         # private and dunder names (module __getattr__, __builtins__, __loader__) are not targets
         ("lightning_ldm.__getattr__", ValueError, "private names"),
         ("torch.nn.functional.__builtins__", ValueError, "private names"),
-        ("lightning_ldm.config.__loader__", ValueError, "private names"),
+        ("lightning_ldm.instantiation.__loader__", ValueError, "private names"),
         ("lightning_ldm._checks.check_int", ValueError, "private names"),
         # a prefix matches at a dot boundary only
         ("torch.nnx.Linear", ValueError, "is not allowed: it lies outside"),
@@ -341,19 +342,19 @@ def test_other_escapes_refused(canary, target, error, match):
 
 
 def test_module_in_allowed_package_may_be_resolved_but_not_returned_when_outside():
-    # lightning_ldm.config.nn is torch.nn itself: defined under 'torch.nn', so allowed (and not callable)
-    assert get_obj_from_str("lightning_ldm.config.nn", allowed_prefixes=SAFE) is nn
+    # lightning_ldm.conditioning.nn is torch.nn itself: defined under 'torch.nn', so allowed (and not callable)
+    assert get_obj_from_str("lightning_ldm.conditioning.nn", allowed_prefixes=SAFE) is nn
     with pytest.raises(
         ValueError, match=r"defined in 'torch.nn', outside allowed_prefixes=\['lightning_ldm.'\] \(a module\)"
     ):
-        get_obj_from_str("lightning_ldm.config.nn", allowed_prefixes=["lightning_ldm."])
+        get_obj_from_str("lightning_ldm.conditioning.nn", allowed_prefixes=["lightning_ldm."])
 
 
 def test_restriction_is_reset_after_a_failed_build(canary):
     with pytest.raises(ValueError):
         instantiate_from_config(
             {
-                "target": "lightning_ldm.config.HybridConditioner",
+                "target": "lightning_ldm.conditioning.HybridConditioner",
                 "params": {
                     "c_concat_config": {"target": "os.system"},
                     "c_crossattn_config": {"target": "torch.nn.Identity"},
@@ -369,8 +370,8 @@ def test_configs_from_text_cannot_reach_anything_else(canary):
     import json
 
     doc = json.loads(
-        '{"target": "lightning_ldm.config.HybridConditioner", "params": {'
-        '"c_concat_config": {"target": "lightning_ldm.config.instantiate_from_config",'
+        '{"target": "lightning_ldm.conditioning.HybridConditioner", "params": {'
+        '"c_concat_config": {"target": "lightning_ldm.instantiation.instantiate_from_config",'
         ' "params": {"config": {"target": "os.system", "params": {"command": "echo pwned"}}}},'
         '"c_crossattn_config": {"target": "torch.nn.Identity"}}}'
     )

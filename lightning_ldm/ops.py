@@ -1,4 +1,4 @@
-"""Small tensor and module helpers that diffusion code bases share.
+"""Small tensor and module operations of CompVis' ``util.py`` (named ``ops`` so as not to shadow ``torch.nn``).
 
 Each function keeps the reference utility's name, signature and numbers for valid input and raises a clear error for bad
 input instead of failing later.
@@ -16,7 +16,6 @@ from lightning_ldm._checks import check_timesteps
 
 __all__ = [
     "avg_pool_nd",
-    "check_timestep_indices",
     "extract_into_tensor",
     "gather_coefficients",
     "mean_flat",
@@ -24,19 +23,6 @@ __all__ = [
     "scale_module",
     "zero_module",
 ]
-
-
-def check_timestep_indices(t: Tensor, size: int, name: str = "t") -> None:
-    """Check that ``t`` is a 1-D integer tensor of valid indices into a table of ``size`` entries.
-
-    The package's one timestep check (:func:`lightning_ldm._checks.check_timesteps`): the range check reads ``t``
-    back to the host in eager mode (one sync on an accelerator) and is skipped under ``torch.compile``.
-
-    Raises:
-        TypeError: ``t`` is not a tensor or not of an integer dtype.
-        ValueError: ``t`` is not 1-D or holds an index outside ``[0, size)``.
-    """
-    check_timesteps(t, size, name)
 
 
 def gather_coefficients(table: Tensor, t: Tensor, ndim: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -71,7 +57,7 @@ def extract_into_tensor(a: Tensor, t: Tensor, x_shape: Sequence[int]) -> Tensor:
     if not isinstance(a, Tensor) or a.ndim != 1:
         shape = tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__
         raise ValueError(f"a must be a 1-D tensor (a per-timestep table), got {shape}")
-    check_timestep_indices(t, a.shape[0])
+    check_timesteps(t, a.shape[0])
     if len(x_shape) < 1:
         raise ValueError(f"x_shape must have at least one dimension (the batch), got {tuple(x_shape)}")
     return a.gather(-1, t).reshape(t.shape[0], *((1,) * (len(x_shape) - 1)))

@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lightning_ldm.nn import (
+from lightning_ldm._checks import check_timesteps
+from lightning_ldm.ops import (
     avg_pool_nd,
-    check_timestep_indices,
     extract_into_tensor,
     gather_coefficients,
     mean_flat,
@@ -73,12 +73,12 @@ def test_small_integer_timesteps_are_refused_at_the_check(dtype):
         extract_into_tensor(TABLE, torch.tensor([1], dtype=dtype), (1, 2))
 
 
-def test_check_timestep_indices_accepts_valid_and_empty():
-    check_timestep_indices(torch.tensor([0, 999]), 1000)
-    check_timestep_indices(torch.zeros(0, dtype=torch.long), 1)
-    check_timestep_indices(torch.tensor([5], dtype=torch.int32), 6, name="ts")
+def test_check_timesteps_accepts_valid_and_empty():
+    check_timesteps(torch.tensor([0, 999]), 1000)
+    check_timesteps(torch.zeros(0, dtype=torch.long), 1)
+    check_timesteps(torch.tensor([5], dtype=torch.int32), 6, name="ts")
     with pytest.raises(ValueError, match=r"ts holds timestep 6, outside the valid range \[0, 5\] of a 6-step table"):
-        check_timestep_indices(torch.tensor([6], dtype=torch.int32), 6, name="ts")
+        check_timesteps(torch.tensor([6], dtype=torch.int32), 6, name="ts")
 
 
 # --- zero_module / scale_module --------------------------------------------------------------------------------------
