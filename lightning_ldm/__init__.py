@@ -11,19 +11,26 @@ from typing import TYPE_CHECKING, Any
 
 from lightning_ldm.blending import AlphaBlender
 from lightning_ldm.checkpointing import CheckpointFunction, checkpoint
-from lightning_ldm.conditioning import CONDITIONING_KEYS, apply_conditioned, as_cond_dict, drop_conditions
-from lightning_ldm.conditioning import HybridConditioner
-from lightning_ldm.instantiation import ConfigImportError, get_obj_from_str, instantiate_from_config
+from lightning_ldm.conditioning import (
+    CONDITIONING_KEYS,
+    HybridConditioner,
+    apply_conditioned,
+    as_cond_dict,
+    drop_conditions,
+)
 from lightning_ldm.ddim import DDIMMethod, ddim_sample, ddim_step, make_ddim_sampling_parameters, make_ddim_timesteps
 from lightning_ldm.embedding import SinusoidalTimestepEmbedding, timestep_embedding
 from lightning_ldm.first_stage import FirstStage
 from lightning_ldm.guidance import guided_model
+from lightning_ldm.instantiation import ConfigImportError, get_obj_from_str, instantiate_from_config
 from lightning_ldm.interop import from_diffusers_config, to_diffusers_config
-from lightning_ldm.losses import diffusion_loss, min_snr_weights
+from lightning_ldm.losses import diffusion_loss
 from lightning_ldm.metrics import TimestepBucketLoss
-from lightning_ldm.ops import avg_pool_nd, extract_into_tensor, mean_flat, noise_like, scale_module, zero_module
-from lightning_ldm.noise_schedule import NoiseSchedule, ScheduleConfig
+from lightning_ldm.noise_schedule import NoiseSchedule
 from lightning_ldm.noising import get_v, predict_noise_from_v, predict_start_from_noise, predict_start_from_v, q_sample
+from lightning_ldm.ops import avg_pool_nd, extract_into_tensor, mean_flat, noise_like, scale_module, zero_module
+from lightning_ldm.parameterization import min_snr_weights
+from lightning_ldm.schedule_config import ScheduleConfig
 from lightning_ldm.scheduler_sampling import scheduler_sample
 from lightning_ldm.schedules import (
     ScheduleName,

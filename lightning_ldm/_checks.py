@@ -10,6 +10,7 @@ shapes, dtypes and Python arguments are static and run in both modes.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -26,6 +27,7 @@ __all__ = [
     "check_int",
     "check_real",
     "check_same_shape",
+    "check_samples",
     "check_tensor",
     "check_timesteps",
     "describe",
@@ -148,6 +150,22 @@ def check_floating(name: str, value: Any, *, min_ndim: int = 0) -> Tensor:
     if value.ndim < min_ndim:
         what = "a batch dimension" if min_ndim == 1 else f"at least {min_ndim} dimensions"
         raise ValueError(f"{name} must have {what}, got shape {tuple(value.shape)}")
+    return value
+
+
+def check_samples(name: str, value: Any) -> Tensor:
+    """Return ``value`` after checking it is a floating batch of at least one sample of at least one element.
+
+    Raises:
+        TypeError: ``value`` is not a floating tensor.
+        ValueError: It has no batch dimension, no sample, or samples without elements (a mean over none is NaN).
+    """
+    check_floating(name, value, min_ndim=1)
+    if value.shape[0] == 0 or math.prod(value.shape[1:]) == 0:
+        raise ValueError(
+            f"{name} must hold at least one sample of at least one element (a mean over none is NaN), got shape "
+            f"{tuple(value.shape)}"
+        )
     return value
 
 

@@ -34,12 +34,11 @@ from numpy.typing import ArrayLike
 from torch import Tensor
 
 from lightning_ldm._checks import check_choice, check_int, check_real
+from lightning_ldm.parameterization import PARAMETERIZATIONS, Parameterization, recovery_coefficients
 
 __all__ = [
     "DDIM_METHODS",
-    "PARAMETERIZATIONS",
     "DDIMMethod",
-    "Parameterization",
     "ddim_sample",
     "ddim_step",
     "make_ddim_sampling_parameters",
@@ -50,8 +49,6 @@ log = logging.getLogger(__name__)
 
 DDIMMethod = Literal["uniform", "quad", "linspace", "trailing"]
 DDIM_METHODS: tuple[str, ...] = get_args(DDIMMethod)
-Parameterization = Literal["eps", "x0", "v"]
-PARAMETERIZATIONS: tuple[str, ...] = get_args(Parameterization)
 
 
 def _seed_steps(method: str, n: int, total: int) -> np.ndarray:
@@ -238,21 +235,10 @@ def _step_coefficients(
 ) -> tuple[float, float, float, float, float, float]:
     """Float64 ``(p, q, r, s, √a_prev, d)``: ``x0 = p·x + q·o``, ``ε = r·x + s·o``, ``x_prev = √a_prev·x0 + d·ε``.
 
-    Raises where the parameterization cannot recover x0/ε or ``σ² > 1 − a_prev``.
+    Raises where the parameterization cannot recover x0/ε (see :func:`recovery_coefficients`) or
+    ``σ² > 1 − a_prev``.
     """
-    if parameterization == "eps":
-        if a <= 0.0:
-            raise ValueError(
-                f"parameterization='eps' cannot recover x0 {where}, where ā = {a!r} (zero terminal SNR); "
-                "use a 'v' (or 'x0') model there, or steps that avoid the last timestep"
-            )
-        p, q, r, s = 1 / math.sqrt(a), -math.sqrt(1 - a) / math.sqrt(a), 0.0, 1.0
-    elif parameterization == "x0":
-        if a >= 1.0:
-            raise ValueError(f"parameterization='x0' cannot recover ε {where}, where ā = {a!r} (no noise)")
-        p, q, r, s = 0.0, 1.0, 1 / math.sqrt(1 - a), -math.sqrt(a) / math.sqrt(1 - a)
-    else:  # "v"
-        p, q, r, s = math.sqrt(a), -math.sqrt(1 - a), math.sqrt(1 - a), math.sqrt(a)
+    p, q, r, s = recovery_coefficients(a, parameterization, where)
     rest = 1 - a_prev - sigma**2
     if rest < -1e-12:
         raise ValueError(f"sigma={sigma:g} is too large {where}: sigma² exceeds 1 - ā_prev = {1 - a_prev:g}; lower eta")

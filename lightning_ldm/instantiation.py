@@ -10,8 +10,9 @@ everything built from that config:
   ``__name__``), so an allowed module cannot re-export ``os.system`` or hand out the modules it imported;
 * the package's own loaders (:func:`instantiate_from_config`, :func:`get_obj_from_str`) are not targets;
 * while a target runs, the restriction is active in a context variable: any config built inside it (the nested configs
-  of a :class:`~lightning_ldm.conditioning.HybridConditioner`, or any class whose ``__init__`` calls :func:`instantiate_from_config`) must satisfy
-  it as well as its own ``allowed_prefixes``, which can narrow but never widen it;
+  of a :class:`~lightning_ldm.conditioning.HybridConditioner`, or any class whose ``__init__`` calls
+  :func:`instantiate_from_config`) must satisfy it as well as its own ``allowed_prefixes``, which can narrow but
+  never widen it;
 * what a target returns may not be a callable (or module) defined outside the allowed prefixes.
 """
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 import contextvars
 import importlib
 import types
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 

@@ -8,67 +8,43 @@ and the weights are float32 whatever the model's dtype or autocast.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from lightning_ldm import noising
-from lightning_ldm._checks import check_choice, check_floating, check_same_shape, check_tensor, check_timesteps
+from lightning_ldm._checks import (
+    check_choice,
+    check_floating,
+    check_real,
+    check_same_shape,
+    check_samples,
+    check_tensor,
+    check_timesteps,
+)
 from lightning_ldm.checkpointing import AUTOCAST_DEVICE_TYPES
+from lightning_ldm.noise_schedule import NoiseSchedule
+from lightning_ldm.noising import combine
 from lightning_ldm.ops import mean_flat
+from lightning_ldm.parameterization import LOSS_WEIGHTINGS, LossWeighting, prediction_target
 
-if TYPE_CHECKING:
-    from lightning_ldm.noise_schedule import NoiseSchedule
-
-__all__ = ["LOSS_TYPES", "LOSS_WEIGHTINGS", "LossType", "LossWeighting", "diffusion_loss", "min_snr_weights"]
+__all__ = ["LOSS_TYPES", "LossType", "check_loss_options", "diffusion_loss"]
 
 LossType = Literal["l2", "l1"]
-LossWeighting = Literal["none", "min_snr", "vlb"]
 LOSS_TYPES: tuple[str, ...] = ("l2", "l1")
-LOSS_WEIGHTINGS: tuple[str, ...] = ("none", "min_snr", "vlb")
 
 
-def min_snr_weights(snr: Tensor, gamma: float, parameterization: str) -> Tensor:
-    r"""Min-SNR-γ loss weights (Hang et al. 2023) for per-sample SNRs ``snr``.
+def check_loss_options(loss_type: Any, loss_weighting: Any, min_snr_gamma: Any) -> float:
+    """Check the options of a denoising loss; return ``min_snr_gamma`` as a float.
 
-    * eps: ``min(s, γ)/s = γ/max(s, γ)`` (1 where ``s ≤ γ``);
-    * x0: ``min(s, γ)``;
-    * v: ``min(s, γ)/(s + 1)``;
-
-    and weight 1 where ``s = 0`` (the terminal step of a zero-terminal-SNR schedule), as diffusers' training scripts
-    do: the x0 and v formulas give 0 there, which would never train the step that zero-terminal-SNR sampling starts
-    from.
-
-    Args:
-        snr: Float32 SNRs, shape ``(B,)``.
-        gamma: γ > 0.
-        parameterization: ``"eps"``, ``"x0"`` or ``"v"``.
-
-    Returns:
-        Weights of ``snr``'s shape and dtype.
+    Raises:
+        ValueError: ``loss_type`` or ``loss_weighting`` is not among the choices, or ``min_snr_gamma <= 0``.
+        TypeError: ``min_snr_gamma`` is not a real number.
     """
-    clipped = snr.clamp(max=gamma)
-    if parameterization == "eps":
-        weights = gamma / snr.clamp(min=gamma)
-    elif parameterization == "x0":
-        weights = clipped
-    else:
-        weights = clipped / (snr + 1.0)
-    return torch.where(snr == 0, torch.ones_like(weights), weights)
-
-
-def prediction_target(schedule: NoiseSchedule, x_start: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-    """What a network of ``schedule.parameterization`` should predict for ``x_start`` noised with ``noise`` at ``t``."""
-    if schedule.parameterization == "eps":
-        return noise
-    if schedule.parameterization == "x0":
-        return x_start
-    a = schedule.table("sqrt_alphas_cumprod", noise.device)
-    b = schedule.table("sqrt_one_minus_alphas_cumprod", noise.device)
-    return noising.get_v(x_start, noise, t, a, b, validate=False)
+    check_choice("loss_type", loss_type, LOSS_TYPES)
+    check_choice("loss_weighting", loss_weighting, LOSS_WEIGHTINGS)
+    return check_real("min_snr_gamma", min_snr_gamma, minimum=0.0, min_inclusive=False)
 
 
 def diffusion_loss(
@@ -110,28 +86,49 @@ def diffusion_loss(
             disagree (``importance_weights`` included: one weight per sample), ``t`` is out of range, or the model
             output's shape differs from the target's.
     """
-    check_choice("loss_type", loss_type, LOSS_TYPES)
-    check_floating("x_start", x_start, min_ndim=1)
-    if x_start.shape[0] == 0 or math.prod(x_start.shape[1:]) == 0:
-        raise ValueError(
-            f"x_start must hold at least one sample of at least one element (a mean over none is NaN), got shape "
-            f"{tuple(x_start.shape)}"
-        )
+    gamma = check_loss_options(loss_type, loss_weighting, min_snr_gamma)
+    check_samples("x_start", x_start)
     check_floating("noise", noise)
     check_same_shape("x_start", x_start, "noise", noise)
     check_timesteps(t, schedule.num_timesteps, batch=x_start.shape[0], batch_of="x_start")
-    weights = schedule.loss_weights(t, loss_weighting, min_snr_gamma, validate=False)  # checked before the forward
     if importance_weights is not None and check_tensor("importance_weights", importance_weights).shape != t.shape:
         raise ValueError(
             f"importance_weights must hold one weight per sample, shape {tuple(t.shape)}, got shape "
             f"{tuple(importance_weights.shape)}"
         )
+    return _diffusion_loss(
+        model,
+        schedule,
+        x_start,
+        t,
+        noise,
+        dict(model_kwargs or {}),
+        loss_type,
+        loss_weighting,
+        gamma,
+        importance_weights,
+    )
 
+
+def _diffusion_loss(
+    model: Callable[..., Tensor],
+    schedule: NoiseSchedule,
+    x_start: Tensor,
+    t: Tensor,
+    noise: Tensor,
+    model_kwargs: Mapping[str, Any],
+    loss_type: str,
+    loss_weighting: str,
+    gamma: float,
+    importance_weights: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`diffusion_loss` without validation: the package's internal path (its callers checked the arguments)."""
+    weights = schedule._loss_weights(t, loss_weighting, gamma)
     a = schedule.table("sqrt_alphas_cumprod", x_start.device)
     b = schedule.table("sqrt_one_minus_alphas_cumprod", x_start.device)
-    x_t = noising.q_sample(x_start, t, noise, a, b, validate=False)
-    out = model(x_t, t, **dict(model_kwargs or {}))
-    target = prediction_target(schedule, x_start, noise, t)
+    x_t = combine(t, a, x_start, b, noise)
+    out = model(x_t, t, **model_kwargs)
+    target = prediction_target(schedule.parameterization, x_start, noise, t, a, b)
     if not isinstance(out, Tensor) or out.shape != target.shape:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(

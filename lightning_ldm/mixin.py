@@ -37,8 +37,8 @@ from lightning_ldm.checkpointing import checkpoint as _checkpoint
 from lightning_ldm.ddim import ddim_sample as _ddim_sample
 from lightning_ldm.embedding import timestep_embedding
 from lightning_ldm.guidance import Conditioning, eval_mode, guided_model
-from lightning_ldm.losses import LossType, LossWeighting
-from lightning_ldm.noise_schedule import Parameterization
+from lightning_ldm.losses import LossType
+from lightning_ldm.parameterization import LossWeighting, Parameterization
 from lightning_ldm.schedule_holder import CHECKPOINT_KEY, ScheduleHolder
 from lightning_ldm.scheduler_sampling import check_scheduler, scheduler_sample
 from lightning_ldm.validation import fixed_timestep_losses, log_timestep_losses

@@ -1,9 +1,8 @@
-r"""The noise schedule as one object: a frozen config, float64 tables computed once, float32 tables per device.
+r"""The noise schedule as one object: float64 tables computed once from a config, float32 tables per device.
 
-:class:`ScheduleConfig` holds the arguments of CompVis' ``register_schedule`` (written once here: the fingerprint,
-the diffusers interop and the Lightning mixin all go through it). :class:`NoiseSchedule` computes the tables of
-:func:`~lightning_ldm.schedules.schedule_tables` from it in float64, keeps a float32 (or float64) copy per device,
-and offers the noising identities, the posterior, the SNR and the loss weights on top of them.
+:class:`NoiseSchedule` computes the tables of :func:`~lightning_ldm.schedules.schedule_tables` from a
+:class:`~lightning_ldm.schedule_config.ScheduleConfig` in float64, keeps a float32 (or float64) copy per device, and
+offers the noising identities, the posterior, the SNR and the loss weights on top of them.
 
 A ``NoiseSchedule`` is a plain Python object, not an ``nn.Module`` and not a buffer: nothing that torch or Lightning
 does to a module (``.half()``, precision flags, EMA averaging, DDP buffer broadcasts, meta-device initialization)
@@ -17,184 +16,27 @@ can reach its tables. It needs neither Lightning nor a module::
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_ldm import noising
-from lightning_ldm._checks import (
-    check_betas,
-    check_bool,
-    check_choice,
-    check_int,
-    check_real,
-    check_timesteps,
-    describe,
-)
-from lightning_ldm.losses import LOSS_WEIGHTINGS, LossWeighting, min_snr_weights
+from lightning_ldm import interop, noising
+from lightning_ldm._checks import check_choice, check_real, check_timesteps, describe
 from lightning_ldm.ops import gather_coefficients
-from lightning_ldm.schedules import (
-    SCHEDULES,
-    TABLE_NAMES,
-    ScheduleName,
-    make_beta_schedule,
-    rescale_zero_terminal_snr,
-    schedule_tables,
-)
+from lightning_ldm.parameterization import LOSS_WEIGHTINGS, LossWeighting, min_snr_weights
+from lightning_ldm.schedule_config import ScheduleConfig
+from lightning_ldm.schedules import TABLE_NAMES, rescale_zero_terminal_snr, schedule_tables
 
-__all__ = [
-    "FINGERPRINT_VERSION",
-    "PARAMETERIZATIONS",
-    "SCHEDULE_TABLES",
-    "NoiseSchedule",
-    "Parameterization",
-    "ScheduleConfig",
-    "fingerprint_difference",
-    "vlb_weights",
-]
+__all__ = ["SCHEDULE_TABLES", "NoiseSchedule", "ScheduleConfig", "vlb_weights"]
 
-Parameterization = Literal["eps", "x0", "v"]
-PARAMETERIZATIONS: tuple[str, ...] = ("eps", "x0", "v")
 TABLE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float64)
-#: Version of the fingerprint layout (bumped if its keys change meaning).
-FINGERPRINT_VERSION = 1
 _RENAMED = {"snr": "snr_table"}  # the module's ``snr`` is the method; its table is ``snr_table``
 #: The tables of a schedule, by their CompVis names (``snr`` is called ``snr_table``; ``lvlb_weights`` added).
 SCHEDULE_TABLES: tuple[str, ...] = (*(_RENAMED.get(n, n) for n in TABLE_NAMES), "lvlb_weights")
-#: Which arguments change the betas of each named schedule (only these go into the fingerprint).
-_SCHEDULE_PARAMS: dict[str, tuple[str, ...]] = {
-    "linear": ("linear_start", "linear_end"),
-    "sqrt_linear": ("linear_start", "linear_end"),
-    "sqrt": ("linear_start", "linear_end"),
-    "cosine": ("cosine_s",),
-    "squaredcos_cap_v2": (),
-}
-
-
-@dataclass(frozen=True)
-class ScheduleConfig:
-    """The arguments that define a noise schedule (CompVis ``register_schedule``), validated and frozen.
-
-    Args:
-        beta_schedule: ``"linear"``, ``"cosine"``, ``"squaredcos_cap_v2"``, ``"sqrt_linear"`` or ``"sqrt"`` (see
-            :func:`~lightning_ldm.schedules.make_beta_schedule`); ignored when ``given_betas`` is set.
-        timesteps: Number of training timesteps T, >= 2 (set to ``len(given_betas)`` when those are given).
-        linear_start: First beta of the linear-type schedules, >= 0.
-        linear_end: Last beta of the linear-type schedules, >= 0.
-        cosine_s: Offset ``s`` of the cosine schedule, >= 0.
-        zero_terminal_snr: Rescale the betas so that the last ``ā`` is 0 (Lin et al. 2023).
-        v_posterior: Weight ``v`` of ``β`` in the posterior variance ``(1 − v)·β̃ + v·β``, in [0, 1].
-        parameterization: What the network predicts: ``"eps"``, ``"x0"`` or ``"v"``.
-        given_betas: Explicit betas (at least 2, in [0, 1), the last may be 1), stored as a tuple of floats.
-
-    Raises:
-        TypeError: An argument has the wrong type.
-        ValueError: An argument is out of range or not among the accepted choices.
-    """
-
-    beta_schedule: ScheduleName | Literal["given"] = "linear"
-    timesteps: int = 1000
-    linear_start: float = 1e-4
-    linear_end: float = 2e-2
-    cosine_s: float = 8e-3
-    zero_terminal_snr: bool = False
-    v_posterior: float = 0.0
-    parameterization: Parameterization = "eps"
-    given_betas: tuple[float, ...] | None = field(default=None, repr=False)
-
-    def __post_init__(self) -> None:
-        values: dict[str, Any] = {
-            "linear_start": check_real("linear_start", self.linear_start, minimum=0.0),
-            "linear_end": check_real("linear_end", self.linear_end, minimum=0.0),
-            "cosine_s": check_real("cosine_s", self.cosine_s, minimum=0.0),
-            "zero_terminal_snr": check_bool("zero_terminal_snr", self.zero_terminal_snr),
-            "v_posterior": check_real("v_posterior", self.v_posterior, minimum=0.0, maximum=1.0),
-        }
-        check_choice("parameterization", self.parameterization, PARAMETERIZATIONS)
-        if self.given_betas is not None:
-            betas = check_betas(self.given_betas, "given_betas", min_length=2)
-            values.update(given_betas=tuple(betas.tolist()), timesteps=int(betas.shape[0]), beta_schedule="given")
-        else:
-            check_choice("beta_schedule", self.beta_schedule, SCHEDULES)
-            values["timesteps"] = check_int("timesteps", self.timesteps, minimum=2)
-        for name, value in values.items():
-            object.__setattr__(self, name, value)
-
-    def make_betas(self) -> np.ndarray:
-        """The float64 betas, before the zero-terminal-SNR rescaling.
-
-        Raises:
-            ValueError: The arguments give a beta outside [0, 1) (for instance ``linear_end >= 1``).
-        """
-        if self.given_betas is not None:
-            return np.array(self.given_betas, dtype=np.float64)
-        return make_beta_schedule(self.beta_schedule, self.timesteps, self.linear_start, self.linear_end, self.cosine_s)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as a JSON-able dict (the keyword arguments of ``register_schedule`` and of this class)."""
-        out = dataclasses.asdict(self)
-        if self.given_betas is not None:
-            out["given_betas"] = list(self.given_betas)
-            out["beta_schedule"] = "linear"  # ignored with given betas; keeps the dict a valid argument set
-        return out
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> ScheduleConfig:
-        """Build a config from :meth:`to_dict`'s output (or any subset of the fields).
-
-        Raises:
-            TypeError: ``values`` is not a mapping, or a value has the wrong type.
-            ValueError: A key is not a field (the message lists them), or a value is not accepted.
-        """
-        if not isinstance(values, Mapping):
-            raise TypeError(f"values must be a mapping of schedule arguments, got {type(values).__name__}")
-        fields = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(fields))
-        if unknown:
-            raise ValueError(f"unknown schedule argument(s) {unknown}; expected some of {fields}")
-        return cls(**values)
-
-    def fingerprint(self) -> dict[str, Any]:
-        """A small JSON-able description of the schedule that a checkpoint stores to guard a resume.
-
-        Keys: ``version``, ``beta_schedule`` (``"given"`` for explicit betas), ``timesteps``, the arguments that the
-        named schedule uses (``linear_start``/``linear_end`` or ``cosine_s``) or ``betas_sha256`` for given betas,
-        ``zero_terminal_snr``, ``v_posterior``, ``parameterization``.
-        """
-        out: dict[str, Any] = {"version": FINGERPRINT_VERSION, "beta_schedule": self.beta_schedule}
-        out["timesteps"] = self.timesteps
-        if self.given_betas is not None:
-            raw = np.ascontiguousarray(self.given_betas, dtype="<f8").tobytes()
-            out["betas_sha256"] = hashlib.sha256(raw).hexdigest()[:16]
-        else:
-            out.update({name: getattr(self, name) for name in _SCHEDULE_PARAMS[self.beta_schedule]})
-        out.update(
-            zero_terminal_snr=self.zero_terminal_snr,
-            v_posterior=self.v_posterior,
-            parameterization=self.parameterization,
-        )
-        return out
-
-
-def fingerprint_difference(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """``{key: (saved, current)}`` for every key whose values differ (floats compared with a 1e-12 tolerance)."""
-    diff: dict[str, tuple[Any, Any]] = {}
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        same = a == b
-        if not same and isinstance(a, (int, float)) and isinstance(b, (int, float)):
-            same = not isinstance(a, bool) and not isinstance(b, bool) and math.isclose(a, b, rel_tol=1e-12)
-        if not same:
-            diff[key] = (a, b)
-    return diff
 
 
 def vlb_weights(tables: Mapping[str, np.ndarray], parameterization: str) -> np.ndarray:
@@ -436,13 +278,12 @@ class NoiseSchedule:
         return gather_coefficients(self.table("snr_table", t.device), t, 1)
 
     def loss_weights(
-        self, t: Tensor, loss_weighting: LossWeighting = "none", min_snr_gamma: float = 5.0, *, validate: bool = True
+        self, t: Tensor, loss_weighting: LossWeighting = "none", min_snr_gamma: float = 5.0
     ) -> Tensor | None:
         r"""Per-sample loss weights for timesteps ``t`` (float32, shape ``(B,)``), ``None`` for ``"none"``.
 
-        ``"min_snr"``: :func:`~lightning_ldm.losses.min_snr_weights` of :meth:`snr` for this parameterization;
-        ``"vlb"``: the ``lvlb_weights`` table (see :func:`vlb_weights`). ``validate=False`` skips the check of ``t``
-        (for callers that checked it already).
+        ``"min_snr"``: :func:`~lightning_ldm.parameterization.min_snr_weights` of :meth:`snr` for this
+        parameterization; ``"vlb"``: the ``lvlb_weights`` table (see :func:`vlb_weights`).
 
         Raises:
             ValueError: ``loss_weighting`` or ``min_snr_gamma`` is not accepted, or ``t`` is out of range.
@@ -450,10 +291,14 @@ class NoiseSchedule:
         """
         check_choice("loss_weighting", loss_weighting, LOSS_WEIGHTINGS)
         gamma = check_real("min_snr_gamma", min_snr_gamma, minimum=0.0, min_inclusive=False)
+        if loss_weighting != "none":
+            check_timesteps(t, self.num_timesteps)
+        return self._loss_weights(t, loss_weighting, gamma)
+
+    def _loss_weights(self, t: Tensor, loss_weighting: str, gamma: float) -> Tensor | None:
+        """:meth:`loss_weights` without validation (the package's internal path: its callers checked the arguments)."""
         if loss_weighting == "none":
             return None
-        if validate:
-            check_timesteps(t, self.num_timesteps)
         if loss_weighting == "vlb":
             return gather_coefficients(self.table("lvlb_weights", t.device), t, 1)
         snr = gather_coefficients(self.table("snr_table", t.device), t, 1)
@@ -462,15 +307,11 @@ class NoiseSchedule:
     # ---------------------------------------------------------------------------------------------- interop
     def to_diffusers_config(self) -> dict[str, Any]:
         """The diffusers scheduler config of this schedule (see :func:`~lightning_ldm.interop.to_diffusers_config`)."""
-        from lightning_ldm.interop import to_diffusers_config
-
-        return to_diffusers_config(self.config)
+        return interop.to_diffusers_config(self.config)
 
     @classmethod
     def from_diffusers_config(
         cls, config: Mapping[str, Any], *, table_dtype: torch.dtype = torch.float32
     ) -> NoiseSchedule:
         """The schedule of a diffusers scheduler config (see :func:`~lightning_ldm.interop.from_diffusers_config`)."""
-        from lightning_ldm.interop import from_diffusers_config
-
-        return cls(ScheduleConfig.from_dict(from_diffusers_config(config)), table_dtype=table_dtype)
+        return cls(ScheduleConfig.from_dict(interop.from_diffusers_config(config)), table_dtype=table_dtype)

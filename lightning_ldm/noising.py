@@ -97,8 +97,6 @@ def q_sample(
     noise: Tensor,
     sqrt_alphas_cumprod: Tensor,
     sqrt_one_minus_alphas_cumprod: Tensor,
-    *,
-    validate: bool = True,
 ) -> Tensor:
     """Diffuse ``x_start`` to timestep ``t``: ``√ā_t·x_start + √(1−ā_t)·noise``.
 
@@ -108,9 +106,6 @@ def q_sample(
         noise: Standard normal noise of ``x_start``'s shape.
         sqrt_alphas_cumprod: Table ``√ā`` (float32 or float64).
         sqrt_one_minus_alphas_cumprod: Table ``√(1−ā)``.
-        validate: Check the dtypes, the shapes and the range of ``t`` (the range check reads ``t`` back: one host
-            sync on an accelerator, skipped under ``torch.compile``). Hot loops that drew ``t`` themselves pass
-            ``False``.
 
     Returns:
         Noisy samples in ``x_start``'s dtype.
@@ -119,8 +114,7 @@ def q_sample(
         TypeError: ``t`` is not an integer tensor, or ``x_start``/``noise`` is not a floating tensor.
         ValueError: ``t`` is out of range or the shapes disagree.
     """
-    if validate:
-        _check(t, x_start, noise, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, ("x_start", "noise"))
+    _check(t, x_start, noise, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, ("x_start", "noise"))
     return combine(t, sqrt_alphas_cumprod, x_start, sqrt_one_minus_alphas_cumprod, noise)
 
 
@@ -130,12 +124,9 @@ def predict_start_from_noise(
     noise: Tensor,
     sqrt_recip_alphas_cumprod: Tensor,
     sqrt_recipm1_alphas_cumprod: Tensor,
-    *,
-    validate: bool = True,
 ) -> Tensor:
     """Recover ``x0 = √(1/ā_t)·x_t − √(1/ā_t − 1)·ε`` (see :func:`q_sample` for the arguments)."""
-    if validate:
-        _check(t, x_t, noise, sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod, ("x_t", "noise"))
+    _check(t, x_t, noise, sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod, ("x_t", "noise"))
     return combine(t, sqrt_recip_alphas_cumprod, x_t, sqrt_recipm1_alphas_cumprod, noise, sign=-1.0)
 
 
@@ -145,12 +136,9 @@ def get_v(
     t: Tensor,
     sqrt_alphas_cumprod: Tensor,
     sqrt_one_minus_alphas_cumprod: Tensor,
-    *,
-    validate: bool = True,
 ) -> Tensor:
     """The v-prediction target ``v = √ā_t·ε − √(1−ā_t)·x0`` (Salimans & Ho 2022)."""
-    if validate:
-        _check(t, x_start, noise, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, ("x_start", "noise"))
+    _check(t, x_start, noise, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, ("x_start", "noise"))
     return combine(t, sqrt_alphas_cumprod, noise, sqrt_one_minus_alphas_cumprod, x_start, sign=-1.0)
 
 
@@ -160,12 +148,9 @@ def predict_start_from_v(
     v: Tensor,
     sqrt_alphas_cumprod: Tensor,
     sqrt_one_minus_alphas_cumprod: Tensor,
-    *,
-    validate: bool = True,
 ) -> Tensor:
     """Recover ``x0 = √ā_t·x_t − √(1−ā_t)·v``."""
-    if validate:
-        _check(t, x_t, v, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, ("x_t", "v"))
+    _check(t, x_t, v, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, ("x_t", "v"))
     return combine(t, sqrt_alphas_cumprod, x_t, sqrt_one_minus_alphas_cumprod, v, sign=-1.0)
 
 
@@ -175,12 +160,9 @@ def predict_noise_from_v(
     v: Tensor,
     sqrt_alphas_cumprod: Tensor,
     sqrt_one_minus_alphas_cumprod: Tensor,
-    *,
-    validate: bool = True,
 ) -> Tensor:
     """Recover ``ε = √ā_t·v + √(1−ā_t)·x_t``."""
-    if validate:
-        _check(t, x_t, v, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, ("x_t", "v"))
+    _check(t, x_t, v, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, ("x_t", "v"))
     return combine(t, sqrt_alphas_cumprod, v, sqrt_one_minus_alphas_cumprod, x_t)
 
 
@@ -190,10 +172,7 @@ def q_posterior_mean(
     t: Tensor,
     posterior_mean_coef1: Tensor,
     posterior_mean_coef2: Tensor,
-    *,
-    validate: bool = True,
 ) -> Tensor:
     """The mean of ``q(x_{t−1} | x_t, x_0)``: ``c1_t·x_start + c2_t·x_t``, in ``x_start``'s dtype."""
-    if validate:
-        _check(t, x_start, x_t, posterior_mean_coef1, posterior_mean_coef2, ("x_start", "x_t"))
+    _check(t, x_start, x_t, posterior_mean_coef1, posterior_mean_coef2, ("x_start", "x_t"))
     return combine(t, posterior_mean_coef1, x_start, posterior_mean_coef2, x_t)

@@ -18,15 +18,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_ldm.losses import LossWeighting
-from lightning_ldm.noise_schedule import (
-    SCHEDULE_TABLES,
-    NoiseSchedule,
-    Parameterization,
-    ScheduleConfig,
-    fingerprint_difference,
-    vlb_weights,
-)
+from lightning_ldm.noise_schedule import SCHEDULE_TABLES, NoiseSchedule, vlb_weights
+from lightning_ldm.parameterization import LossWeighting, Parameterization
+from lightning_ldm.schedule_config import ScheduleConfig, fingerprint_difference
 
 if TYPE_CHECKING:
     import lightning.pytorch as L

@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from lightning_ldm.losses import LOSS_TYPES, LOSS_WEIGHTINGS, diffusion_loss, min_snr_weights, prediction_target
+from lightning_ldm.losses import LOSS_TYPES, diffusion_loss
+from lightning_ldm.parameterization import LOSS_WEIGHTINGS, min_snr_weights, prediction_target
 from lightning_ldm.noise_schedule import NoiseSchedule
 
 T = 50
@@ -91,7 +92,8 @@ def test_min_snr_weights_keep_float32() -> None:
 def test_prediction_target_of_each_parameterization(parameterization: str) -> None:
     schedule = NoiseSchedule(timesteps=T, parameterization=parameterization)
     x0, noise, t = data()
-    target = prediction_target(schedule, x0, noise, t)
+    a_table, b_table = schedule.table("sqrt_alphas_cumprod"), schedule.table("sqrt_one_minus_alphas_cumprod")
+    target = prediction_target(parameterization, x0, noise, t, a_table, b_table)
     if parameterization == "eps":
         assert target is noise
     elif parameterization == "x0":

@@ -29,14 +29,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from lightning_ldm.noise_schedule import (
-    FINGERPRINT_VERSION,
-    SCHEDULE_TABLES,
-    NoiseSchedule,
-    ScheduleConfig,
-    fingerprint_difference,
-    vlb_weights,
-)
+from lightning_ldm.noise_schedule import SCHEDULE_TABLES, NoiseSchedule, vlb_weights
+from lightning_ldm.schedule_config import FINGERPRINT_VERSION, ScheduleConfig, fingerprint_difference
 from tests import compvis_reference as compvis
 from tests.lightning_helpers import TinyDenoiser
 
@@ -534,7 +528,7 @@ def test_loss_weights_refuse_bad_arguments() -> None:
         schedule.loss_weights(t, "min_snr", "5")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"t holds timestep 10"):
         schedule.loss_weights(torch.tensor([10]), "vlb")
-    unchecked = schedule.loss_weights(torch.tensor([3]), "vlb", validate=False)
+    unchecked = schedule._loss_weights(torch.tensor([3]), "vlb", 5.0)
     assert unchecked is not None and float(unchecked[0]) == float(schedule.table("lvlb_weights")[3])
 
 

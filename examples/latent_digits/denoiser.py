@@ -23,8 +23,7 @@ from examples.latent_digits.autoencoder import DigitAutoencoder
 from examples.latent_digits.data import NUM_CLASSES
 from lightning_ldm import ScheduleName, SinusoidalTimestepEmbedding, zero_module
 from lightning_ldm.latent import LatentDiffusionMixin
-from lightning_ldm.losses import LossWeighting
-from lightning_ldm.noise_schedule import Parameterization
+from lightning_ldm.parameterization import LossWeighting, Parameterization
 
 __all__ = ["LatentDenoiser", "LatentMLP"]
 
