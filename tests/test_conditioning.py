@@ -13,11 +13,11 @@ from torch import Tensor, nn
 from lightning_ldm.conditioning import (
     COND_DICT_KEYS,
     CONDITIONING_KEYS,
+    HybridConditioner,
     apply_conditioned,
     as_cond_dict,
     drop_conditions,
 )
-from lightning_ldm.conditioning import HybridConditioner
 
 
 class Recorder:

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from lightning_ldm.losses import LOSS_TYPES, diffusion_loss
-from lightning_ldm.parameterization import LOSS_WEIGHTINGS, min_snr_weights, prediction_target
 from lightning_ldm.noise_schedule import NoiseSchedule
+from lightning_ldm.parameterization import LOSS_WEIGHTINGS, min_snr_weights, prediction_target
 
 T = 50
 
