@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,8 @@ __all__ = [
     "check_real",
     "check_same_shape",
     "check_samples",
+    "check_scheduler",
+    "check_shape",
     "check_tensor",
     "check_timesteps",
     "describe",
@@ -288,3 +290,37 @@ def check_betas(
         )
         raise ValueError(f"{entry}[{bad}]={float(array[bad])!r} lies outside {accepted}")
     return np.ascontiguousarray(array)
+
+
+def check_shape(name: str, value: Any) -> tuple[int, ...]:
+    """Return ``value`` as a tuple of ints after checking it is a sample shape: positive integers, batch first.
+
+    Raises:
+        TypeError: ``value`` is not a sequence, or an entry is not an integer (floats and bools are refused, not
+            truncated).
+        ValueError: The shape is empty or an entry is < 1.
+    """
+    if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, torch.Size)):
+        raise TypeError(f"{name} must be a sequence of integers such as (4, 3, 32, 32), got {describe(value)}")
+    entries = tuple(value)
+    for i, entry in enumerate(entries):
+        if isinstance(entry, (bool, np.bool_)) or not isinstance(entry, numbers.Integral):
+            raise TypeError(f"{name}[{i}] must be an integer, got {describe(entry)} of type {type(entry).__name__}")
+    shape = tuple(int(e) for e in entries)
+    if not shape or min(shape) < 1:
+        raise ValueError(f"{name} must be a non-empty shape of positive sizes, batch first, got {shape}")
+    return shape
+
+
+def check_scheduler(scheduler: Any) -> None:
+    """Raise unless ``scheduler`` has callable ``set_timesteps`` and ``step`` (the diffusers scheduler protocol).
+
+    Raises:
+        TypeError: A method is missing; the message names it.
+    """
+    missing = [name for name in ("set_timesteps", "step") if not callable(getattr(scheduler, name, None))]
+    if missing:
+        raise TypeError(
+            f"scheduler must be a diffusers-style scheduler with set_timesteps() and step(), but "
+            f"{type(scheduler).__name__} has no {' or '.join(missing)}"
+        )

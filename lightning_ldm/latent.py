@@ -13,7 +13,7 @@ same per-rank, per-batch generator as ``t`` and the noise::
             self.model = unet  # apply_model calls self.model(x, t, context=...)
 
         def training_step(self, batch, batch_idx):
-            return self.latent_diffusion_loss(batch["image"], cond=batch["context"])
+            return self.diffusion_loss(batch["image"], batch["context"])
 
         def configure_optimizers(self):
             return torch.optim.AdamW(self.trainable_parameters(), lr=1e-4)
@@ -55,7 +55,7 @@ class LatentDiffusionMixin(DiffusionMixin):
     """
 
     conditioning_key: str | None = None
-    denoiser_name: str = "model"
+    denoiser_name: str | None = "model"
     _cond_dropout: dict[str, float] = {}  # noqa: RUF012 - replaced per instance
     _null_cond: dict[str, Any] = {}  # noqa: RUF012 - replaced per instance
 
@@ -141,19 +141,16 @@ class LatentDiffusionMixin(DiffusionMixin):
         """Decode scaled latents ``z`` with the first stage."""
         return self._require_first_stage().decode(z)
 
-    def apply_model(self, x_t: Tensor, t: Tensor, cond: Any = None, **kwargs: Any) -> Tensor:
+    def apply_model(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         """CompVis' ``apply_model``: route ``cond`` into ``self.<denoiser_name>`` by ``conditioning_key``.
 
         ``cond`` is a tensor, a list of tensors, or CompVis' dict ``{"c_concat": [...], "c_crossattn": [...]}``
         (see :func:`~lightning_ldm.conditioning.apply_conditioned`).
 
         Raises:
-            TypeError: Extra keyword arguments (CompVis' routing takes none).
             ValueError: A condition the conditioning key does not use, or shapes that do not concatenate.
         """
-        if kwargs:
-            raise TypeError(f"apply_model takes no keyword arguments besides cond; got {sorted(kwargs)}")
-        denoiser = getattr(self, self.denoiser_name)
+        denoiser = getattr(self, self.denoiser_name or "model")
         if self.conditioning_key is None and cond is None:
             return denoiser(x_t, t)
         return apply_conditioned(denoiser, x_t, t, as_cond_dict(cond, self.conditioning_key), self.conditioning_key)
@@ -171,53 +168,50 @@ class LatentDiffusionMixin(DiffusionMixin):
         dropped, _ = drop_conditions(cond_dict, self._cond_dropout, self._null_cond, generator=self.diffusion_generator)
         return dropped
 
-    def latent_diffusion_loss(self, x: Tensor, cond: Any = None, *, encode: bool = True, **loss_options: Any) -> Tensor:
-        """The training loss of a latent diffusion model: encode, drop conditions, then :meth:`diffusion_loss`.
+    def diffusion_loss(
+        self, x_start: Tensor, cond: Any = None, *, encode: bool = True, **loss_options: Any
+    ) -> Tensor:
+        """The training loss of a latent diffusion model: encode, drop conditions, then the denoising loss.
 
         The draws come in a fixed order from ``diffusion_generator``: the posterior sample, the dropout masks, ``t``,
         then the noise.
 
         Args:
-            x: Images (``encode=True``) or latents (``encode=False``).
+            x_start: Images (``encode=True``) or latents (``encode=False``).
             cond: The condition (see :meth:`apply_model`).
             encode: Encode ``x`` with the first stage first.
-            **loss_options: Keyword arguments of :meth:`diffusion_loss` (``loss_weighting``, ``t``, ``noise``, ...).
+            **loss_options: Keyword arguments of :meth:`DiffusionMixin.diffusion_loss` (``loss_weighting``, ``t``,
+                ``noise``, ...).
 
         Returns:
             Scalar float32 loss.
         """
-        z = self.encode_first_stage(x) if encode else x
-        cond = self.drop_conditions(cond)
-        return self.diffusion_loss(lambda x_t, t: self.apply_model(x_t, t, cond), z, **loss_options)
+        z = self.encode_first_stage(x_start) if encode else x_start
+        return super().diffusion_loss(z, self.drop_conditions(cond), **loss_options)
 
     @torch.no_grad()
     def sample(
-        self, shape: Any, *, cond: Any = None, uncond: Any = None, decode: bool = True, **sample_options: Any
-    ) -> Tensor:
-        """Sample latents with :meth:`ddim_sample` through :meth:`apply_model`, then decode them.
+        self, shape: Any, *, decode: bool = True, **sample_options: Any
+    ) -> Tensor | tuple[Tensor, dict[str, list[Tensor]]]:
+        """Sample latents with :meth:`DiffusionMixin.sample` through :meth:`apply_model`, then decode them.
 
         ``cond``/``uncond`` are given in any form :meth:`apply_model` takes (dicts of lists included); with
         ``guidance_scale != 1`` both run as one batch.
 
         Args:
             shape: Latent shape, batch first.
-            cond: The condition.
-            uncond: The unconditional condition (e.g. the null condition), for guidance.
             decode: Decode with the first stage (when one is registered).
-            **sample_options: Keyword arguments of :meth:`ddim_sample` (``num_steps``, ``guidance_scale``,
-                ``scheduler``, ``generator``, ``x_T``, ...).
+            **sample_options: Keyword arguments of :meth:`DiffusionMixin.sample` (``sampler``, ``num_steps``,
+                ``guidance_scale``, ``cond``, ``uncond``, ``generator``, ``x_T``, ...).
 
         Returns:
-            Images (decoded) or latents.
+            Images (decoded) or latents; with ``return_intermediates=True``, ``(samples, intermediates)`` whose
+            intermediates stay latents.
         """
-        if sample_options.pop("return_intermediates", False):
-            raise ValueError("sample() returns the final samples only; call ddim_sample(None, ...) for intermediates")
-        wrap = None if cond is None else {"cond": cond}
-        uwrap = None if uncond is None else {"cond": uncond}
-        z = self.ddim_sample(None, shape, cond=wrap, uncond=uwrap, **sample_options)
-        if not isinstance(z, Tensor):  # pragma: no cover - return_intermediates was refused above
-            raise TypeError(f"ddim_sample returned {type(z).__name__}")
+        out = super().sample(shape, **sample_options)
         if not decode or self.first_stage is None:
-            return z
+            return out
+        z, intermediates = out if isinstance(out, tuple) else (out, None)
         with self._precision_context():
-            return self.decode_first_stage(z)
+            images = self.decode_first_stage(z)
+        return images if intermediates is None else (images, intermediates)

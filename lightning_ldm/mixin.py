@@ -1,6 +1,7 @@
-r"""``DiffusionMixin``: a thin adapter from a ``LightningModule`` to the functional core.
+r"""``DiffusionMixin``: a slim adapter from a ``LightningModule`` to the functional core.
 
-Mix it in **before** ``LightningModule`` and register a schedule in ``__init__``::
+Mix it in **before** ``LightningModule``, register a schedule in ``__init__``, and return :meth:`diffusion_loss`
+from ``training_step``::
 
     class Denoiser(DiffusionMixin, L.LightningModule):
         def __init__(self, timesteps: int = 1000):
@@ -9,125 +10,256 @@ Mix it in **before** ``LightningModule`` and register a schedule in ``__init__``
             self.register_schedule(beta_schedule="linear", timesteps=timesteps)
             self.net = TinyUNet()
 
+        def forward(self, x_t, t):
+            return self.net(x_t, t)
+
         def training_step(self, batch, batch_idx):
-            return self.diffusion_loss(self.net, batch)
+            return self.diffusion_loss(batch)
 
 The schedule is a :class:`~lightning_ldm.noise_schedule.NoiseSchedule` kept as a plain attribute
 (:attr:`~DiffusionMixin.noise_schedule`), not as buffers: precision flags, ``.half()``, EMA averaging, DDP broadcasts
-and meta-device initialization cannot touch it, and checkpoints carry its fingerprint instead of its tables. CompVis'
-table names (``betas``, ``alphas_cumprod``, …, ``lvlb_weights``) stay readable on the module, in the schedule's table
-dtype on the module's device. The maths lives in :mod:`~lightning_ldm.noise_schedule`, :mod:`~lightning_ldm.losses`,
-:mod:`~lightning_ldm.guidance` and :mod:`~lightning_ldm.ddim`; the mixin draws the random numbers (from
-:attr:`~DiffusionMixin.diffusion_generator` when ``ScheduleCallback`` installs one), applies the Trainer's precision
-when sampling, and guards checkpoints.
+and meta-device initialization cannot touch it, and checkpoints carry its fingerprint instead of its tables. The
+maths lives in the core (:mod:`~lightning_ldm.losses`, :mod:`~lightning_ldm.ddim`, :mod:`~lightning_ldm.guidance`);
+the mixin draws the random numbers (from :attr:`~DiffusionMixin.diffusion_generator` when ``ScheduleCallback``
+installs one), applies the Trainer's precision when sampling, and guards checkpoints. CompVis' names (the schedule
+tables, ``q_sample``, ``num_timesteps``, ...) are opt-in: :class:`~lightning_ldm.compat.CompVisCompat`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
+from typing_extensions import override
 
-from lightning_ldm import losses
-from lightning_ldm._checks import check_floating, check_real
-from lightning_ldm.checkpointing import checkpoint as _checkpoint
-from lightning_ldm.ddim import ddim_sample as _ddim_sample
-from lightning_ldm.embedding import timestep_embedding
-from lightning_ldm.guidance import Conditioning, eval_mode, guided_model
-from lightning_ldm.losses import LossType
+from lightning_ldm._checks import (
+    check_floating,
+    check_real,
+    check_same_shape,
+    check_samples,
+    check_scheduler,
+    check_shape,
+    check_timesteps,
+)
+from lightning_ldm.ddim import ddim_sample
+from lightning_ldm.guidance import eval_mode, guided_model
+from lightning_ldm.losses import LossType, _diffusion_loss, check_loss_options
+from lightning_ldm.noise_schedule import NoiseSchedule
 from lightning_ldm.parameterization import LossWeighting, Parameterization
-from lightning_ldm.schedule_holder import CHECKPOINT_KEY, ScheduleHolder
-from lightning_ldm.scheduler_sampling import check_scheduler, scheduler_sample
+from lightning_ldm.schedule_config import ScheduleConfig, fingerprint_difference
+from lightning_ldm.scheduler_sampling import scheduler_sample
 from lightning_ldm.validation import fixed_timestep_losses, log_timestep_losses
 
-# LossType, LossWeighting and Parameterization stay importable from here, where v0.1 defined them.
-__all__ = ["CHECKPOINT_KEY", "DiffusionMixin", "LossType", "LossWeighting", "Parameterization"]
+if TYPE_CHECKING:
+    import lightning.pytorch as L
+
+    _Base = L.LightningModule
+else:
+    _Base = object
+
+__all__ = ["CHECKPOINT_KEY", "DiffusionMixin"]
+
+#: Key of the package's entry in a Lightning checkpoint dict; the fingerprint sits under ``["schedule"]``.
+CHECKPOINT_KEY = "lightning_ldm"
 
 
-class DiffusionMixin(ScheduleHolder):
+class DiffusionMixin(_Base):
     r"""Diffusion training and sampling for a ``LightningModule``: ``class M(DiffusionMixin, L.LightningModule)``.
 
-    The mixin has no ``__init__``; every Lightning hook it overrides calls ``super()``. Attributes:
-    :attr:`noise_schedule` (set by :meth:`register_schedule`), ``timestep_sampler`` (``None``: uniform; else an object
-    with ``sample(batch_size, num_timesteps, device, generator)``), ``diffusion_generator`` (the ``torch.Generator``
-    that timesteps and noise are drawn from; the global RNG when ``None``), ``last_timestep_losses`` (``(t,
-    per-sample loss)`` of the last training :meth:`diffusion_loss`), ``use_checkpoint`` and
-    ``checkpoint_use_reentrant`` (for :meth:`checkpointed`), ``check_schedule_on_load`` (compare the schedule of a
-    loaded checkpoint; ``False`` opts out).
+    The mixin has no ``__init__``; every Lightning hook it overrides calls ``super()``. Attributes you may set:
+
+    * ``denoiser_name``: the attribute that holds the network (``None``, the default: the module itself, called as
+      ``self(x_t, t, ...)``; :class:`~lightning_ldm.latent.LatentDiffusionMixin` uses ``"model"``, as CompVis);
+    * ``timestep_sampler``: ``None`` (uniform) or an object with ``sample(batch_size, num_timesteps, device,
+      generator)`` (``ScheduleCallback`` installs one);
+    * ``diffusion_generator``: the ``torch.Generator`` that t, the noise and condition dropout are drawn from (the
+      global RNG when ``None``; ``ScheduleCallback`` seeds one per rank and batch);
+    * ``check_schedule_on_load``: compare the schedule of a loaded checkpoint (``False`` opts out).
+
+    Read: :attr:`noise_schedule` and ``last_timestep_losses`` (``(t, per-sample loss)`` of the last training
+    :meth:`diffusion_loss`, for callbacks; cleared at the start of every fit).
     """
 
-    use_checkpoint: bool = False
-    checkpoint_use_reentrant: bool = False
+    noise_schedule: NoiseSchedule | None = None
+    denoiser_name: str | None = None
     timestep_sampler: Any = None
     diffusion_generator: torch.Generator | None = None
     last_timestep_losses: tuple[Tensor, Tensor] | None = None
+    check_schedule_on_load: bool = True
+    _pending_schedule_fingerprint: dict[str, Any] | None = None
 
-    def q_sample(self, x_start: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
-        """Diffuse ``x_start`` to ``t`` (:meth:`NoiseSchedule.q_sample`); ``noise`` drawn if ``None``."""
-        return self.require_schedule().q_sample(x_start, t, self.sample_noise(x_start) if noise is None else noise)
+    # ------------------------------------------------------------------------------------------------ schedule
+    def register_schedule(
+        self,
+        given_betas: np.ndarray | Tensor | Sequence[float] | None = None,
+        beta_schedule: str = "linear",
+        timesteps: int = 1000,
+        linear_start: float = 1e-4,
+        linear_end: float = 2e-2,
+        cosine_s: float = 8e-3,
+        *,
+        zero_terminal_snr: bool = False,
+        v_posterior: float = 0.0,
+        parameterization: Parameterization = "eps",
+        table_dtype: torch.dtype = torch.float32,
+        schedule: NoiseSchedule | ScheduleConfig | None = None,
+    ) -> None:
+        r"""Set the noise schedule (CompVis ``register_schedule`` arguments; see :class:`ScheduleConfig`).
+
+        Args:
+            given_betas: Explicit betas; when given, ``beta_schedule``, ``timesteps`` and the schedule parameters are
+                ignored, as in CompVis.
+            beta_schedule: ``"linear"``, ``"cosine"``, ``"squaredcos_cap_v2"``, ``"sqrt_linear"`` or ``"sqrt"``.
+            timesteps: Number of training timesteps T (>= 2).
+            linear_start: First beta of the linear-type schedules.
+            linear_end: Last beta of the linear-type schedules.
+            cosine_s: Offset ``s`` of the cosine schedule.
+            zero_terminal_snr: Rescale the betas so the last ``ā`` is 0 (Lin et al. 2023).
+            v_posterior: Weight ``v`` of ``β`` in the posterior variance, in [0, 1].
+            parameterization: What the network predicts: ``"eps"``, ``"x0"`` or ``"v"``.
+            table_dtype: ``torch.float32`` (default) or ``torch.float64``.
+            schedule: A ready :class:`NoiseSchedule` or :class:`ScheduleConfig`, used instead of the arguments above.
+
+        Raises:
+            TypeError: The class lists ``DiffusionMixin`` after ``nn.Module``, or an argument has the wrong type.
+            ValueError: An argument is not accepted, or the checkpoint loaded before this call holds another schedule.
+        """
+        self._check_mro()
+        if not isinstance(schedule, NoiseSchedule):
+            if schedule is None:
+                schedule = ScheduleConfig(
+                    beta_schedule=beta_schedule,  # type: ignore[arg-type]
+                    timesteps=timesteps,
+                    linear_start=linear_start,
+                    linear_end=linear_end,
+                    cosine_s=cosine_s,
+                    zero_terminal_snr=zero_terminal_snr,
+                    v_posterior=v_posterior,
+                    parameterization=parameterization,
+                    given_betas=given_betas,  # type: ignore[arg-type]
+                )
+            schedule = NoiseSchedule(schedule, table_dtype=table_dtype)
+        if schedule.config.zero_terminal_snr and schedule.parameterization == "eps":
+            rank_zero_warn(
+                "register_schedule(zero_terminal_snr=True, parameterization='eps'): at the terminal step ā = 0, so an "
+                "ε-prediction carries no information about x0 there and DDIM 'trailing' sampling (which starts there) "
+                "refuses it; Lin et al. 2023 pair zero terminal SNR with parameterization='v'",
+                category=UserWarning,
+            )
+        pending = self._pending_schedule_fingerprint
+        if pending is not None and self.check_schedule_on_load:
+            self._raise_on_mismatch(pending, schedule.fingerprint)
+        self.noise_schedule = schedule
+        self._pending_schedule_fingerprint = None
+
+    def _require_schedule(self) -> NoiseSchedule:
+        if self.noise_schedule is None:
+            raise RuntimeError(
+                f"{type(self).__name__} has no noise schedule: call self.register_schedule(...) in __init__ first"
+            )
+        return self.noise_schedule
+
+    @property
+    def _schedule_device(self) -> torch.device:
+        """Where the module's tables are used: the device of its first parameter or buffer (CPU if none, or meta)."""
+        device = getattr(self, "_device", None)  # kept by LightningModule
+        if device is None:
+            for tensor in (*self.parameters(), *self.buffers()):
+                device = tensor.device
+                break
+        return torch.device("cpu") if device is None or device.type == "meta" else device
+
+    def _check_mro(self) -> None:
+        if not isinstance(self, nn.Module):
+            raise TypeError(
+                f"{type(self).__name__} must subclass torch.nn.Module (e.g. class M(DiffusionMixin, L.LightningModule))"
+            )
+        mro = type(self).__mro__
+        if mro.index(DiffusionMixin) > mro.index(nn.Module):
+            raise TypeError(
+                f"{type(self).__name__} lists DiffusionMixin after LightningModule/nn.Module, so its hooks never run; "
+                "write `class M(DiffusionMixin, L.LightningModule)`"
+            )
 
     # ----------------------------------------------------------------------------------------- random draws
-    def sample_timesteps(self, batch_size: int, device: torch.device | str | None = None) -> Tensor:
-        """Draw one training timestep per sample (LongTensor ``(batch_size,)``, on ``device`` or the tables' device).
+    def draw_timesteps(self, batch_size: int, device: torch.device | str | None = None) -> Tensor:
+        """Draw one training timestep per sample (LongTensor ``(batch_size,)``, on ``device`` or the module's).
 
         Uniform on ``[0, T)`` unless a ``timestep_sampler`` is installed; drawn from ``diffusion_generator`` when set.
 
         Raises:
-            ValueError: The installed sampler returned something that is not a ``(batch_size,)`` integer tensor.
+            ValueError: The installed sampler returned something that is not a ``(batch_size,)`` integer tensor of
+                timesteps in ``[0, T)``.
             RuntimeError: No schedule is registered.
         """
-        steps = self.num_timesteps
-        target = torch.device(device) if device is not None else self.schedule_device
+        steps = self._require_schedule().num_timesteps
+        target = torch.device(device) if device is not None else self._schedule_device
         generator = self.diffusion_generator
-        if self.timestep_sampler is not None:
-            t = self.timestep_sampler.sample(batch_size, steps, target, generator)
-            if not isinstance(t, Tensor) or t.shape != (batch_size,) or t.dtype.is_floating_point:
-                shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(
-                    f"timestep_sampler {type(self.timestep_sampler).__name__}.sample returned {shape}; expected a "
-                    f"LongTensor of shape ({batch_size},)"
-                )
-            return t.to(device=target, dtype=torch.long)
-        draw_device = generator.device if generator is not None else target
-        return torch.randint(0, steps, (batch_size,), device=draw_device, generator=generator).to(target)
+        if self.timestep_sampler is None:
+            draw_device = generator.device if generator is not None else target
+            return torch.randint(0, steps, (batch_size,), device=draw_device, generator=generator).to(target)
+        t = self.timestep_sampler.sample(batch_size, steps, target, generator)
+        if not isinstance(t, Tensor) or t.shape != (batch_size,) or t.dtype.is_floating_point:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(
+                f"timestep_sampler {type(self.timestep_sampler).__name__}.sample returned {shape}; expected a "
+                f"LongTensor of shape ({batch_size},)"
+            )
+        check_timesteps(t, steps, name=f"the timesteps of {type(self.timestep_sampler).__name__}")
+        return t.to(device=target, dtype=torch.long)
 
-    def sample_noise(self, like: Tensor, *, dtype: torch.dtype | None = None) -> Tensor:
+    def draw_noise(self, like: Tensor, *, dtype: torch.dtype | None = None) -> Tensor:
         """Standard normal noise of ``like``'s shape, drawn in float32 (from ``diffusion_generator`` if set)."""
         generator = self.diffusion_generator
         draw_device = generator.device if generator is not None else like.device
         noise = torch.randn(like.shape, device=draw_device, dtype=torch.float32, generator=generator)
         return noise.to(device=like.device, dtype=like.dtype if dtype is None else dtype)
 
+    # ------------------------------------------------------------------------------------------------ model
+    def apply_model(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        """The denoiser call that the loss and the samplers make (CompVis' name).
+
+        The network is ``self`` or ``getattr(self, denoiser_name)``; ``cond`` is left out when ``None``, spread as
+        keyword arguments when a mapping (``{"context": emb}`` → ``net(x_t, t, context=emb)``), else passed as
+        ``cond=``. :class:`~lightning_ldm.latent.LatentDiffusionMixin` routes ``cond`` by CompVis' conditioning keys.
+        """
+        net = self if self.denoiser_name is None else getattr(self, self.denoiser_name)
+        if cond is None:
+            return net(x_t, t)
+        if isinstance(cond, Mapping):
+            return net(x_t, t, **cond)
+        return net(x_t, t, cond=cond)
+
     # ------------------------------------------------------------------------------------------------ loss
     def diffusion_loss(
         self,
-        model: Callable[..., Tensor],
         x_start: Tensor,
+        cond: Any = None,
         *,
         t: Tensor | None = None,
         noise: Tensor | None = None,
-        model_kwargs: Mapping[str, Any] | None = None,
         loss_type: LossType = "l2",
         loss_weighting: LossWeighting = "none",
         min_snr_gamma: float = 5.0,
         offset_noise: float = 0.0,
     ) -> Tensor:
-        r"""The denoising loss of ``model(x_t, t, **model_kwargs)`` (see :func:`lightning_ldm.losses.diffusion_loss`).
+        r"""The denoising loss of :meth:`apply_model` on ``x_start`` (see :func:`lightning_ldm.losses.diffusion_loss`).
 
-        ``t`` and ``noise`` are drawn when ``None`` (:meth:`sample_timesteps`; :meth:`sample_noise` in float32). When
+        ``t`` and ``noise`` are drawn when ``None`` (:meth:`draw_timesteps`; :meth:`draw_noise` in float32). When
         ``t`` is drawn by a ``timestep_sampler`` whose ``importance_weights(t, T)`` returns weights, the mean is taken
         of the per-sample losses times those weights. In training mode, ``(t, per-sample loss)`` (detached, before the
         importance weights) is kept in ``last_timestep_losses`` for callbacks.
 
         Args:
-            model: The network.
             x_start: Clean samples ``(B, ...)``.
+            cond: The condition, passed to :meth:`apply_model`.
             t: Timesteps ``(B,)``.
             noise: Noise of ``x_start``'s shape.
-            model_kwargs: Extra keyword arguments for ``model`` (e.g. conditioning).
             loss_type: ``"l2"`` or ``"l1"``.
             loss_weighting: ``"none"``, ``"min_snr"`` or ``"vlb"``.
             min_snr_gamma: γ of Min-SNR weighting, > 0.
@@ -140,57 +272,54 @@ class DiffusionMixin(ScheduleHolder):
             TypeError: ``x_start`` or ``noise`` is not a floating tensor, or ``t`` is not an integer tensor.
             ValueError: An argument is not accepted, or the shapes disagree.
         """
-        schedule = self.require_schedule()
+        schedule = self._require_schedule()
+        gamma = check_loss_options(loss_type, loss_weighting, min_snr_gamma)
         offset_noise = check_real("offset_noise", offset_noise, minimum=0.0)
-        check_floating("x_start", x_start, min_ndim=1)
+        check_samples("x_start", x_start)
         if offset_noise > 0.0 and x_start.ndim < 2:
             raise ValueError(
                 f"offset_noise needs samples with a channel dimension (B, C, ...), got {tuple(x_start.shape)}"
             )
-        drawn = t is None
-        t = self.sample_timesteps(x_start.shape[0], device=x_start.device) if t is None else t
-        noise = self.sample_noise(x_start, dtype=torch.float32) if noise is None else noise
+        importance = None
+        if t is None:
+            t = self.draw_timesteps(x_start.shape[0], device=x_start.device)
+            weigh = getattr(self.timestep_sampler, "importance_weights", None)
+            importance = None if weigh is None else weigh(t, schedule.num_timesteps)
+        else:
+            check_timesteps(t, schedule.num_timesteps, batch=x_start.shape[0], batch_of="x_start")
+        if noise is None:
+            noise = self.draw_noise(x_start, dtype=torch.float32)
+        else:
+            check_same_shape("x_start", x_start, "noise", check_floating("noise", noise))
         if offset_noise > 0.0:
-            offset = self.sample_noise(
-                x_start.new_empty(x_start.shape[:2] + (1,) * (x_start.ndim - 2)), dtype=noise.dtype
-            )
+            per_channel = x_start.new_empty(x_start.shape[:2] + (1,) * (x_start.ndim - 2))
+            offset = self.draw_noise(per_channel, dtype=noise.dtype)
             noise = noise + offset_noise * offset
-        importance = getattr(self.timestep_sampler, "importance_weights", None) if drawn else None
-        scale = importance(t, schedule.num_timesteps) if importance is not None else None
-        loss, per_sample = losses.diffusion_loss(
-            model,
+        loss, per_sample = _diffusion_loss(
+            lambda x_t, t_: self.apply_model(x_t, t_, cond),
             schedule,
             x_start,
             t,
             noise,
-            model_kwargs=model_kwargs,
-            loss_type=loss_type,
-            loss_weighting=loss_weighting,
-            min_snr_gamma=min_snr_gamma,
-            importance_weights=None if scale is None else scale.to(x_start.device),
+            {},
+            loss_type,
+            loss_weighting,
+            gamma,
+            None if importance is None else importance.to(x_start.device),
         )
         if self.training:
             self.last_timestep_losses = (t.detach(), per_sample.detach())
         return loss
 
-    def apply_model(self, x_t: Tensor, t: Tensor, cond: Any = None, **kwargs: Any) -> Tensor:
-        """The denoiser call that samplers make (CompVis' name): ``self(x_t, t, cond=cond, **kwargs)``.
-
-        ``cond`` is passed on only when it is not ``None``. :class:`~lightning_ldm.latent.LatentDiffusionMixin`
-        overrides it to route ``cond`` by CompVis' conditioning keys.
-        """
-        return self(x_t, t, **kwargs) if cond is None else self(x_t, t, cond=cond, **kwargs)
-
     def fixed_timestep_loss(
         self,
-        model: Callable[..., Tensor],
         x_start: Tensor,
         timesteps: Sequence[int],
+        cond: Any = None,
         *,
         batch_index: int,
         seed: int = 0,
         dataloader_index: int = 0,
-        model_kwargs: Mapping[str, Any] | None = None,
         prefix: str = "val/loss",
     ) -> dict[int, Tensor]:
         """Validation loss at each of ``timesteps`` with fixed noise, logged per t and as a mean.
@@ -203,46 +332,16 @@ class DiffusionMixin(ScheduleHolder):
             ``{t: loss}``.
         """
         losses = fixed_timestep_losses(
-            lambda x, t, n: self.diffusion_loss(model, x, t=t, noise=n, model_kwargs=model_kwargs),
+            lambda x, t, n: self.diffusion_loss(x, cond, t=t, noise=n),
             x_start,
             timesteps,
             seed=seed,
             batch_index=batch_index,
             dataloader_index=dataloader_index,
-            num_timesteps=self.num_timesteps,
+            num_timesteps=self._require_schedule().num_timesteps,
         )
         log_timestep_losses(self, losses, prefix=prefix, batch_size=x_start.shape[0])
         return losses
-
-    # --------------------------------------------------------------------------- embedding and checkpointing
-    def embed_timesteps(self, t: Tensor, dim: int, max_period: float = 10000) -> Tensor:
-        """Sinusoidal embedding of ``t``, float32 ``(B, dim)``, cos first (:func:`~lightning_ldm.timestep_embedding`).
-
-        Computed outside the module tree (nothing in the ``state_dict``, nothing a precision flag could cast), from
-        the function's cached tables; traced into one graph under ``torch.compile``.
-        """
-        return timestep_embedding(t, dim, max_period)
-
-    def checkpointed(
-        self,
-        func: Callable[..., Any],
-        *inputs: Any,
-        params: Iterable[Tensor] | None = None,
-        use_reentrant: bool | None = None,
-    ) -> Any:
-        """Run ``func(*inputs)`` through :func:`lightning_ldm.checkpoint` when ``use_checkpoint`` is on.
-
-        The non-reentrant engine is the default (``checkpoint_use_reentrant = False``): it works with DDP's
-        ``find_unused_parameters=True`` and gives gradients to every parameter ``func`` uses. The reentrant one
-        (CompVis' ``CheckpointFunction``) gives gradients to ``params`` only: by default the parameters of ``func``
-        (or of the module of a bound method), else all of this module's.
-        """
-        flag = bool(self.use_checkpoint)
-        reentrant = self.checkpoint_use_reentrant if use_reentrant is None else use_reentrant
-        if params is None and flag and reentrant:
-            owner = func if isinstance(func, nn.Module) else getattr(func, "__self__", None)
-            params = owner.parameters() if isinstance(owner, nn.Module) else self.parameters()
-        return _checkpoint(func, inputs, tuple(params or ()), flag, use_reentrant=reentrant)
 
     # ----------------------------------------------------------------------------------------------- sampling
     def _precision_context(self) -> contextlib.AbstractContextManager[Any]:
@@ -250,95 +349,141 @@ class DiffusionMixin(ScheduleHolder):
         return contextlib.nullcontext() if trainer is None else trainer.precision_plugin.forward_context()
 
     @torch.no_grad()
-    def ddim_sample(
+    def sample(
         self,
-        model: Callable[..., Tensor] | None,
         shape: Sequence[int],
         *,
+        sampler: Literal["ddim"] | Any = "ddim",
         num_steps: int = 50,
         method: str = "uniform",
         eta: float = 0.0,
         generator: torch.Generator | None = None,
         guidance_scale: float = 1.0,
-        cond: Conditioning = None,
-        uncond: Conditioning = None,
-        model_kwargs: Mapping[str, Any] | None = None,
-        return_intermediates: bool = False,
+        cond: Any = None,
+        uncond: Any = None,
         x_T: Tensor | None = None,  # noqa: N803 (the DDIM papers' and the core's name)
         clip_x0: float | None = None,
-        scheduler: Any = None,
+        return_intermediates: bool = False,
     ) -> Tensor | tuple[Tensor, dict[str, list[Tensor]]]:
-        r"""Sample with DDIM (:func:`~lightning_ldm.ddim.ddim_sample`) and classifier-free guidance.
+        r"""Draw samples through :meth:`apply_model`, with classifier-free guidance.
 
-        Runs under ``torch.no_grad()`` with ``model`` in eval mode (modes restored afterwards) and, on a Trainer,
-        under ``trainer.precision_plugin.forward_context()``. ``x_T`` is drawn in float32 from ``generator`` (the
-        global RNG when ``None``; never ``diffusion_generator``, so sampling does not shift the training draws) and
-        cast to the default dtype of that context.
+        DDIM by default (:func:`~lightning_ldm.ddim.ddim_sample`), or any diffusers-style scheduler object
+        (DPM-Solver++, Euler, UniPC, ... built from ``noise_schedule.to_diffusers_config()``; see
+        :func:`~lightning_ldm.scheduler_sampling.scheduler_sample`). Runs under ``torch.no_grad()`` with the module in
+        eval mode (modes restored afterwards) and, on a Trainer, under ``trainer.precision_plugin.forward_context()``.
+        ``x_T`` is drawn in float32 from ``generator`` (the global RNG when ``None``; never ``diffusion_generator``,
+        so sampling does not shift the training draws) and cast to the default dtype of that context.
 
         Args:
-            model: The network, called as ``model(x_t, t, **model_kwargs, **cond_kwargs)``; ``None`` for
-                :meth:`apply_model`.
             shape: Shape of the samples, batch first.
-            num_steps: Number of DDIM steps.
-            method: ``"uniform"``, ``"quad"``, ``"linspace"`` or ``"trailing"``.
-            eta: DDIM η (0: deterministic).
-            generator: Generator for ``x_T`` and the η noise.
+            sampler: ``"ddim"`` or a diffusers-style scheduler object.
+            num_steps: Number of sampling steps.
+            method: DDIM step spacing: ``"uniform"``, ``"quad"``, ``"linspace"`` or ``"trailing"`` (DDIM only).
+            eta: DDIM η (0: deterministic); passed to a scheduler whose ``step`` takes it.
+            generator: Generator for ``x_T`` and the samplers' noise.
             guidance_scale: Classifier-free guidance scale.
-            cond: Conditioning (tensor passed as ``cond=``, or keyword mapping).
-            uncond: Unconditional conditioning, needed when ``guidance_scale != 1``.
-            model_kwargs: Keyword arguments for every model call.
-            return_intermediates: Also return ``{"x_inter": [...], "pred_x0": [...]}``.
+            cond: The condition, in any form :meth:`apply_model` takes.
+            uncond: The unconditional condition (e.g. the null condition), needed when ``guidance_scale != 1``.
             x_T: Starting noise of shape ``shape`` (drawn when ``None``).
-            clip_x0: Clamp the predicted x0 to ``[-clip_x0, clip_x0]``.
-            scheduler: A diffusers-style scheduler (DPM-Solver++, Euler, UniPC, ...) built from
-                ``noise_schedule.to_diffusers_config()``, run instead of our DDIM (see
-                :func:`~lightning_ldm.scheduler_sampling.scheduler_sample`; ``method``, ``clip_x0`` and
-                ``return_intermediates`` do not apply).
+            clip_x0: Clamp the predicted x0 to ``[-clip_x0, clip_x0]`` (DDIM only).
+            return_intermediates: Also return ``{"x_inter": [...], "pred_x0": [...]}`` (DDIM only).
 
         Returns:
             Samples (in ``x_T``'s dtype), or ``(samples, intermediates)``.
 
         Raises:
-            ValueError: A bad ``shape`` or ``x_T``, guidance without ``uncond``/``cond``, or an argument rejected by
-                the DDIM core.
-            TypeError: ``cond``/``uncond`` is neither a tensor, a mapping nor ``None``.
+            TypeError: A bad ``shape`` entry, or a ``sampler`` that is neither ``"ddim"`` nor a scheduler.
+            ValueError: A bad ``shape`` or ``x_T``, guidance without ``uncond``/``cond``, a DDIM-only option with a
+                scheduler, or an argument rejected by the sampler.
         """
-        shape = tuple(int(s) for s in shape)
-        if len(shape) < 1 or shape[0] < 1:
-            raise ValueError(f"shape must start with a positive batch size, got {shape}")
+        shape = check_shape("shape", shape)
         if x_T is not None and tuple(x_T.shape) != shape:
             raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected shape {shape}")
-        if scheduler is not None:
-            check_scheduler(scheduler)
+        schedule = self._require_schedule()
+        ddim = isinstance(sampler, str) and sampler == "ddim"
+        if not ddim:
+            check_scheduler(sampler)
+            if return_intermediates or clip_x0 is not None:
+                raise ValueError(
+                    "return_intermediates and clip_x0 are options of sampler='ddim'; a scheduler "
+                    f"({type(sampler).__name__}) takes neither"
+                )
         model_fn = guided_model(
-            self.apply_model if model is None else model,
+            lambda x, t, cond=None: self.apply_model(x, t, cond),
             shape[0],
             guidance_scale=guidance_scale,
-            cond=cond,
-            uncond=uncond,
-            model_kwargs=model_kwargs,
+            cond=None if cond is None else {"cond": cond},
+            uncond=None if uncond is None else {"cond": uncond},
         )
-        alphas_cumprod = self.alphas_cumprod
-        with eval_mode(self if model is None else model), self._precision_context():
-            device = alphas_cumprod.device
+        device = self._schedule_device
+        with eval_mode(self), self._precision_context():
             if x_T is None:
                 draw_device = generator.device if generator is not None else device
                 x_T = torch.randn(shape, device=draw_device, dtype=torch.float32, generator=generator)
                 x_T = x_T.to(device=device, dtype=torch.get_default_dtype())
             else:
                 x_T = x_T.to(device)
-            if scheduler is not None:
-                return scheduler_sample(model_fn, x_T, scheduler, num_steps=num_steps, eta=eta, generator=generator)
-            sampler: Callable[..., Any] = _ddim_sample  # one call for both overloads
-            return sampler(
+            if not ddim:
+                return scheduler_sample(model_fn, x_T, sampler, num_steps=num_steps, eta=eta, generator=generator)
+            run: Any = ddim_sample  # one call for both overloads
+            return run(
                 model_fn,
                 x_T,
-                alphas_cumprod,
+                schedule.table("alphas_cumprod", device),
                 num_steps=num_steps,
                 method=method,
                 eta=eta,
-                parameterization=self.parameterization,
+                parameterization=schedule.parameterization,
                 generator=generator,
                 clip_x0=clip_x0,
                 return_intermediates=return_intermediates,
+            )
+
+    # -------------------------------------------------------------------------------------------- Lightning hooks
+    @override
+    def on_fit_start(self) -> None:
+        """Clear ``last_timestep_losses`` (a second fit starts without the first one's record), then ``super()``."""
+        self.last_timestep_losses = None
+        super().on_fit_start()
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the schedule fingerprint under ``checkpoint["lightning_ldm"]["schedule"]``, then call ``super()``."""
+        if self.noise_schedule is not None:
+            checkpoint.setdefault(CHECKPOINT_KEY, {})["schedule"] = self.noise_schedule.fingerprint
+        super().on_save_checkpoint(checkpoint)
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose schedule fingerprint differs from the registered one, then call ``super()``.
+
+        A checkpoint without a fingerprint loads with a warning; if no schedule is registered yet, the comparison
+        happens at the next :meth:`register_schedule`. ``check_schedule_on_load = False`` skips it.
+
+        Raises:
+            ValueError: The schedules differ; the message lists each differing key with both values.
+        """
+        if self.check_schedule_on_load:
+            entry = checkpoint.get(CHECKPOINT_KEY)
+            saved = entry.get("schedule") if isinstance(entry, Mapping) else None
+            if saved is None:
+                rank_zero_warn(
+                    f"The checkpoint has no lightning_ldm schedule fingerprint, so {type(self).__name__} cannot check "
+                    "that it was trained with the same noise schedule; loading it as it is.",
+                    category=UserWarning,
+                )
+            elif self.noise_schedule is None:
+                self._pending_schedule_fingerprint = dict(saved)
+            else:
+                self._raise_on_mismatch(saved, self.noise_schedule.fingerprint)
+        super().on_load_checkpoint(checkpoint)
+
+    def _raise_on_mismatch(self, saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+        diff = fingerprint_difference(saved, current)
+        if diff:
+            lines = "; ".join(f"{key}: checkpoint {a!r}, model {b!r}" for key, (a, b) in diff.items())
+            raise ValueError(
+                f"The checkpoint was trained with a different noise schedule than {type(self).__name__} registered "
+                f"({lines}). Register the checkpoint's schedule, or set `check_schedule_on_load = False` on the "
+                "model to load it anyway."
             )

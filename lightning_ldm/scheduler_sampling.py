@@ -15,23 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_ldm._checks import check_floating, check_int
+from lightning_ldm._checks import check_floating, check_int, check_scheduler
 
-__all__ = ["check_scheduler", "scheduler_sample"]
-
-
-def check_scheduler(scheduler: Any) -> None:
-    """Raise unless ``scheduler`` has callable ``set_timesteps`` and ``step`` (the diffusers scheduler protocol).
-
-    Raises:
-        TypeError: A method is missing; the message names it.
-    """
-    missing = [name for name in ("set_timesteps", "step") if not callable(getattr(scheduler, name, None))]
-    if missing:
-        raise TypeError(
-            f"scheduler must be a diffusers-style scheduler with set_timesteps() and step(), but "
-            f"{type(scheduler).__name__} has no {' or '.join(missing)}"
-        )
+__all__ = ["scheduler_sample"]
 
 
 def _accepts(method: Callable[..., Any], name: str) -> bool:

@@ -40,19 +40,17 @@ def schedule_timesteps(module: DiffusionMixin, owner: str) -> int:
         owner: Name of the calling callback, for the message.
 
     Returns:
-        ``module.num_timesteps``.
+        ``module.noise_schedule.num_timesteps``.
 
     Raises:
         RuntimeError: No schedule is registered.
     """
-    try:
-        module.schedule_fingerprint  # noqa: B018 - raises RuntimeError without a schedule
-    except RuntimeError as err:
+    if module.noise_schedule is None:
         raise RuntimeError(
             f"{type(module).__name__} has no noise schedule; call self.register_schedule(...) in __init__ "
             f"(or in setup/configure_model) before fitting with {owner}"
-        ) from err
-    return int(module.num_timesteps)
+        )
+    return module.noise_schedule.num_timesteps
 
 
 def gather_ranked(trainer: pl.Trainer, t: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:

@@ -25,12 +25,12 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 from typing_extensions import override
 
-from lightning_ldm._checks import check_choice, check_int, check_real
+from lightning_ldm._checks import check_choice, check_int, check_real, check_scheduler
+from lightning_ldm.callbacks._diffusion import diffusion_module
 from lightning_ldm.callbacks.sample_writers import write_image, write_video
 from lightning_ldm.ddim import DDIM_METHODS
-from lightning_ldm.latent import LatentDiffusionMixin
 from lightning_ldm.media import check_value_range, image_grid, to_uint8, video_grid
-from lightning_ldm.scheduler_sampling import check_scheduler
+from lightning_ldm.mixin import DiffusionMixin
 from lightning_ldm.seeding import derive_seed
 
 __all__ = ["SampleLogger", "averaged_module"]
@@ -246,9 +246,9 @@ class SampleLogger(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Check the module can sample and warn when an averaging callback comes after this one."""
-        if not callable(getattr(pl_module, "ddim_sample", None)):
+        if not isinstance(pl_module, DiffusionMixin):
             raise TypeError(
-                f"SampleLogger needs a module with ddim_sample (a DiffusionMixin), got {type(pl_module).__name__}"
+                f"SampleLogger needs a module that mixes in DiffusionMixin, got {type(pl_module).__name__}"
             )
         callbacks = _callbacks(trainer)
         if self.every_n_steps is not None and self in callbacks:
@@ -333,17 +333,14 @@ class SampleLogger(Callback):
             "x_T": noise,
         }
         if self.scheduler is not None:
-            options["scheduler"] = self.scheduler
+            options["sampler"] = self.scheduler
         else:
             options.update(method=self.method, clip_x0=self.clip_x0)
         cond, uncond = _to_device(self.cond, noise.device), _to_device(self.uncond, noise.device)
-        if isinstance(pl_module, LatentDiffusionMixin):  # routes cond by its conditioning key, decodes
-            return pl_module.sample(noise.shape, cond=cond, uncond=uncond, **options)
-        samples = pl_module.ddim_sample(None, noise.shape, cond=cond, uncond=uncond, **options)  # type: ignore[operator]
-        if getattr(pl_module, "first_stage", None) is not None:
-            with torch.no_grad(), trainer.precision_plugin.forward_context():
-                samples = pl_module.decode_first_stage(samples)  # type: ignore[operator]
-        return samples
+        samples = diffusion_module(pl_module, type(self).__name__).sample(
+            noise.shape, cond=cond, uncond=uncond, **options
+        )
+        return samples[0] if isinstance(samples, tuple) else samples
 
     def write(self, trainer: pl.Trainer, samples: Tensor, step: int) -> list[str]:
         """Write ``samples`` as a grid (4-D) or an animated grid (5-D) to the Trainer's loggers.

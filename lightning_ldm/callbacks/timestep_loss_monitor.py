@@ -106,7 +106,7 @@ class TimestepLossMonitor(Callback):
             self.bucket_loss = TimestepBucketLoss(num_timesteps, self.num_buckets)
         self.bucket_loss.to(pl_module.device)
         self._warned_nan = False
-        alphas_cumprod = module.require_schedule().tables_float64["alphas_cumprod"]
+        alphas_cumprod = module._require_schedule().tables_float64["alphas_cumprod"]
         self.log_snr = torch.from_numpy(log_snr(alphas_cumprod))  # float64, from the float64 table
         if self.log_schedule and trainer.is_global_zero:
             self.write_schedule_curve(trainer, self.log_snr)
