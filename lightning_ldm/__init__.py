@@ -47,11 +47,13 @@ from lightning_ldm.validation import fixed_noise, fixed_timestep_losses
 if TYPE_CHECKING:
     from lightning_ldm.callbacks import (
         AlphaBlenderMonitor,
+        DiffusionSeedCallback,
         GradientCheckpointing,
         SampleLogger,
         ScheduleCallback,
         TimestepLossMonitor,
     )
+    from lightning_ldm.compat import CompVisCompat
     from lightning_ldm.latent import LatentDiffusionMixin
     from lightning_ldm.mixin import DiffusionMixin
 
@@ -61,7 +63,9 @@ _LAZY = {
     "DiffusionMixin": "lightning_ldm.mixin",
     "LatentDiffusionMixin": "lightning_ldm.latent",
     "SampleLogger": "lightning_ldm.callbacks",
+    "DiffusionSeedCallback": "lightning_ldm.callbacks",
     "ScheduleCallback": "lightning_ldm.callbacks",
+    "CompVisCompat": "lightning_ldm.compat",
     "TimestepLossMonitor": "lightning_ldm.callbacks",
     "GradientCheckpointing": "lightning_ldm.callbacks",
     "AlphaBlenderMonitor": "lightning_ldm.callbacks",
@@ -82,9 +86,11 @@ __all__ = [
     "AlphaBlender",
     "AlphaBlenderMonitor",
     "CheckpointFunction",
+    "CompVisCompat",
     "ConfigImportError",
     "DDIMMethod",
     "DiffusionMixin",
+    "DiffusionSeedCallback",
     "FirstStage",
     "GradientCheckpointing",
     "HybridConditioner",

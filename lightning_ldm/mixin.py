@@ -20,7 +20,7 @@ The schedule is a :class:`~lightning_ldm.noise_schedule.NoiseSchedule` kept as a
 (:attr:`~DiffusionMixin.noise_schedule`), not as buffers: precision flags, ``.half()``, EMA averaging, DDP broadcasts
 and meta-device initialization cannot touch it, and checkpoints carry its fingerprint instead of its tables. The
 maths lives in the core (:mod:`~lightning_ldm.losses`, :mod:`~lightning_ldm.ddim`, :mod:`~lightning_ldm.guidance`);
-the mixin draws the random numbers (from :attr:`~DiffusionMixin.diffusion_generator` when ``ScheduleCallback``
+the mixin draws the random numbers (from :attr:`~DiffusionMixin.diffusion_generator` when ``DiffusionSeedCallback``
 installs one), applies the Trainer's precision when sampling, and guards checkpoints. CompVis' names (the schedule
 tables, ``q_sample``, ``num_timesteps``, ...) are opt-in: :class:`~lightning_ldm.compat.CompVisCompat`.
 """
@@ -76,9 +76,9 @@ class DiffusionMixin(_Base):
     * ``denoiser_name``: the attribute that holds the network (``None``, the default: the module itself, called as
       ``self(x_t, t, ...)``; :class:`~lightning_ldm.latent.LatentDiffusionMixin` uses ``"model"``, as CompVis);
     * ``timestep_sampler``: ``None`` (uniform) or an object with ``sample(batch_size, num_timesteps, device,
-      generator)`` (``ScheduleCallback`` installs one);
+      generator)`` (``DiffusionSeedCallback`` installs one);
     * ``diffusion_generator``: the ``torch.Generator`` that t, the noise and condition dropout are drawn from (the
-      global RNG when ``None``; ``ScheduleCallback`` seeds one per rank and batch);
+      global RNG when ``None``; ``DiffusionSeedCallback`` seeds one per rank and batch);
     * ``check_schedule_on_load``: compare the schedule of a loaded checkpoint (``False`` opts out).
 
     Read: :attr:`noise_schedule` and ``last_timestep_losses`` (``(t, per-sample loss)`` of the last training

@@ -1,6 +1,6 @@
 r"""Timestep samplers: which training timesteps ``t`` a diffusion loss sees.
 
-A sampler draws ``t ∈ {0, …, T − 1}`` for a batch. :class:`~lightning_ldm.callbacks.ScheduleCallback` installs one
+A sampler draws ``t ∈ {0, …, T − 1}`` for a batch. :class:`~lightning_ldm.callbacks.DiffusionSeedCallback` installs one
 on a :class:`~lightning_ldm.mixin.DiffusionMixin` (attribute ``timestep_sampler``), whose ``sample_timesteps`` then
 calls :meth:`TimestepSampler.sample` with the module's generator.
 
@@ -209,7 +209,7 @@ class LossAwareSampler(TimestepSampler):
     unbiased estimate of the uniform-``t`` objective (improved-diffusion's ``LossSecondMomentResampler``).
 
     Under DDP every rank must feed the same (gathered) losses in the same order so that the samplers stay identical;
-    :class:`~lightning_ldm.callbacks.ScheduleCallback` does this.
+    :class:`~lightning_ldm.callbacks.DiffusionSeedCallback` does this.
 
     Args:
         history_per_term: Losses kept per timestep (>= 1).

@@ -8,7 +8,7 @@ the same numbers on every run and every rank (each rank scores its own batches, 
 Noise of timestep ``t`` for batch ``batch_index`` of dataloader ``dataloader_index``: standard normal, float32, of
 the batch's shape, drawn from a CPU ``torch.Generator`` seeded with :func:`fixed_noise_seed`, i.e.
 ``derive_seed(seed, 2, dataloader_index, batch_index, t)`` (see
-:func:`lightning_ldm.seeding.derive_seed`; stream 2, apart from ``ScheduleCallback``'s training stream 0
+:func:`lightning_ldm.seeding.derive_seed`; stream 2, apart from ``DiffusionSeedCallback``'s training stream 0
 and validation stream 1), then moved to the batch's device. Drawing on the CPU makes it the same on every device.
 
 Typical use in a ``validation_step``::

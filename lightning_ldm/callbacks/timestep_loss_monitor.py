@@ -26,7 +26,7 @@ class TimestepLossMonitor(Callback):
 
     Example::
 
-        trainer = L.Trainer(callbacks=[ScheduleCallback(seed=0), TimestepLossMonitor(num_buckets=10)],
+        trainer = L.Trainer(callbacks=[DiffusionSeedCallback(seed=0), TimestepLossMonitor(num_buckets=10)],
                             logger=TensorBoardLogger("runs"))
 
     Loss by timestep bucket: after each training batch the monitor adds ``module.last_timestep_losses`` (the

@@ -1,26 +1,29 @@
-r"""``ScheduleCallback``: seeded timestep and noise draws, and the timestep sampler, for a ``DiffusionMixin`` module.
+r"""``DiffusionSeedCallback``: seeded draws of t, noise and condition dropout, and the timestep distribution.
 
 During ``trainer.fit`` the callback
 
 * **installs** a :class:`~lightning_ldm.timestep_samplers.TimestepSampler` (``module.timestep_sampler``) and a
-  ``torch.Generator`` on the module's device (``module.diffusion_generator``), from which the mixin draws ``t`` and
-  the noise, and puts the module's previous ones back when the fit ends or fails;
+  ``torch.Generator`` on the module's device (``module.diffusion_generator``), from which the mixin draws ``t``, the
+  noise and the condition-dropout masks, and puts the module's previous ones back when the fit ends or fails;
 * **reseeds** that generator before every training batch from ``(seed, global rank, batch counter)``: DDP ranks draw
   different ``t`` and noise, every draw is reproducible, and a run resumed from a checkpoint draws exactly what the
   uninterrupted run would have (the counter is part of the callback state; no generator state needs saving);
   validation batches are reseeded from ``(seed, rank, dataloader, batch index)``, so every validation pass sees the
   same ``t`` and noise and validation losses are comparable across epochs;
-* **feeds** a sampler that learns from the losses (``sampler.needs_losses``, e.g.
+* **feeds** a timestep sampler that learns from the losses (``needs_losses``, e.g.
   :class:`~lightning_ldm.timestep_samplers.LossAwareSampler`) with the per-sample training losses
   (``module.last_timestep_losses``) of all ranks, in rank order, so that every rank's sampler stays identical.
 
 The loss by timestep bucket and the log-SNR curve are logged by
-:class:`~lightning_ldm.callbacks.TimestepLossMonitor`.
+:class:`~lightning_ldm.callbacks.TimestepLossMonitor`. ``ScheduleCallback`` is this callback's former name, kept for
+one release.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import os
+import warnings
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -28,25 +31,63 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
-from lightning_ldm._checks import check_int
+from lightning_ldm._checks import check_choice, check_int
 from lightning_ldm.callbacks._diffusion import diffusion_module, gather_ranked, schedule_timesteps
-from lightning_ldm.callbacks._sampler_choice import SAMPLERS, SamplerName, build_sampler
-from lightning_ldm.callbacks.seeding import DEFAULT_SEED, derive_seed, resolve_seed
 from lightning_ldm.mixin import DiffusionMixin
-from lightning_ldm.timestep_samplers import TimestepSampler
+from lightning_ldm.seeding import derive_seed
+from lightning_ldm.timestep_samplers import LogitNormalSampler, LossAwareSampler, TimestepSampler, UniformSampler
 
-__all__ = ["DEFAULT_SEED", "SAMPLERS", "SamplerName", "ScheduleCallback", "derive_seed"]
+__all__ = ["DEFAULT_SEED", "TIMESTEP_SAMPLERS", "DiffusionSeedCallback", "ScheduleCallback", "TimestepSamplerName"]
+
+#: Seed used when neither ``seed=`` nor ``PL_GLOBAL_SEED`` (set by ``seed_everything``) is given.
+DEFAULT_SEED = 0
+TimestepSamplerName = Literal["uniform", "loss_aware", "logit_normal"]
+#: The timestep-sampler names the callback accepts, and the class each builds with its default arguments.
+TIMESTEP_SAMPLERS: dict[str, type[TimestepSampler]] = {
+    "uniform": UniformSampler,
+    "loss_aware": LossAwareSampler,
+    "logit_normal": LogitNormalSampler,
+}
+
+
+def _resolve_seed(seed: int | None) -> int:
+    """``seed`` if given, else ``PL_GLOBAL_SEED`` (negative values taken modulo 2**32), else :data:`DEFAULT_SEED`."""
+    if seed is not None:
+        return seed
+    env = os.environ.get("PL_GLOBAL_SEED")
+    if env is None:
+        return DEFAULT_SEED
+    try:
+        value = int(env)
+    except ValueError:
+        rank_zero_warn(f"PL_GLOBAL_SEED={env!r} is not an integer; DiffusionSeedCallback uses seed {DEFAULT_SEED}")
+        return DEFAULT_SEED
+    return value if value >= 0 else value % 2**32
+
+
+def _build_timestep_sampler(sampler: Any) -> TimestepSampler:
+    if isinstance(sampler, TimestepSampler):
+        return sampler
+    if not isinstance(sampler, str):
+        hint = " (the seed is the second argument: pass seed=...)" if isinstance(sampler, int) else ""
+        raise TypeError(
+            f"timestep_sampler must be one of {', '.join(map(repr, TIMESTEP_SAMPLERS))} or a TimestepSampler "
+            f"instance, got {sampler!r} of type {type(sampler).__name__}{hint}"
+        )
+    check_choice("timestep_sampler", sampler, TIMESTEP_SAMPLERS)
+    return TIMESTEP_SAMPLERS[sampler]()
+
 
 _TRAIN_STREAM = 0
 _VAL_STREAM = 1
 
 
-class ScheduleCallback(Callback):
+class DiffusionSeedCallback(Callback):
     r"""Seed the timestep/noise draws of a :class:`~lightning_ldm.mixin.DiffusionMixin` module and install its sampler.
 
     Example::
 
-        trainer = L.Trainer(callbacks=[ScheduleCallback(sampler=LogitNormalSampler(mean=0.5), seed=0),
+        trainer = L.Trainer(callbacks=[DiffusionSeedCallback(LogitNormalSampler(mean=0.5), seed=0),
                                        TimestepLossMonitor()])
         trainer.fit(model)   # model: class M(DiffusionMixin, L.LightningModule) with register_schedule(...)
 
@@ -62,26 +103,21 @@ class ScheduleCallback(Callback):
     State (``state_dict``): the batch counter, the seed and the sampler's state.
 
     Args:
-        sampler: A :class:`~lightning_ldm.timestep_samplers.TimestepSampler` instance, or a name as a shortcut for
-            the default instance: ``"uniform"``, ``"loss_aware"`` (``LossAwareSampler()``), ``"logit_normal"``
-            (``LogitNormalSampler()``).
+        timestep_sampler: A :class:`~lightning_ldm.timestep_samplers.TimestepSampler` instance, or a name as a
+            shortcut for the default instance: ``"uniform"``, ``"loss_aware"`` (``LossAwareSampler()``),
+            ``"logit_normal"`` (``LogitNormalSampler()``).
         seed: Base seed (a non-negative integer) or ``None`` (see above).
-        kwargs: Former options only. ``logit_normal_mean``, ``logit_normal_std``, ``loss_aware_history`` and
-            ``loss_aware_uniform_prob`` are deprecated (pass a sampler instance); ``num_buckets``,
-            ``log_every_n_steps`` and ``log_snr_curve`` moved to :class:`~lightning_ldm.callbacks.TimestepLossMonitor`.
 
     Raises:
-        TypeError: ``sampler`` is neither a name nor a ``TimestepSampler``, ``seed`` is not an integer, or a keyword
-            argument is unknown or moved to ``TimestepLossMonitor``.
-        ValueError: ``sampler`` is an unknown name, ``seed`` is negative, or a deprecated option does not belong to
-            the named sampler.
+        TypeError: ``timestep_sampler`` is neither a name nor a ``TimestepSampler``, or ``seed`` is not an integer.
+        ValueError: ``timestep_sampler`` is an unknown name, or ``seed`` is negative.
     """
 
     def __init__(
-        self, sampler: SamplerName | TimestepSampler = "uniform", seed: int | None = None, **kwargs: Any
+        self, timestep_sampler: TimestepSamplerName | TimestepSampler = "uniform", seed: int | None = None
     ) -> None:
         self.seed = None if seed is None else check_int("seed", seed, minimum=0, maximum=2**63 - 1)
-        self.sampler: TimestepSampler = build_sampler(sampler, kwargs)
+        self.sampler: TimestepSampler = _build_timestep_sampler(timestep_sampler)
         self.batch_counter = 0
         self.resolved_seed: int | None = self.seed
         self._generator: torch.Generator | None = None
@@ -108,11 +144,11 @@ class ScheduleCallback(Callback):
         module = diffusion_module(pl_module, type(self).__name__)
         num_timesteps = schedule_timesteps(module, type(self).__name__)
         if self.resolved_seed is None:
-            self.resolved_seed = resolve_seed(self.seed)
+            self.resolved_seed = _resolve_seed(self.seed)
         self.sampler.prepare(num_timesteps)
         if module.timestep_sampler is not None and module.timestep_sampler is not self.sampler:
             rank_zero_warn(
-                f"ScheduleCallback replaces the timestep_sampler {module.timestep_sampler!r} already set on "
+                f"{type(self).__name__} replaces the timestep_sampler {module.timestep_sampler!r} already set on "
                 f"{type(module).__name__} with {self.sampler!r} for this fit"
             )
         self._saved_module_attrs = (module.timestep_sampler, module.diffusion_generator)
@@ -204,7 +240,7 @@ class ScheduleCallback(Callback):
             KeyError: ``batch_counter`` is missing.
         """
         if "batch_counter" not in state_dict:
-            raise KeyError(f"ScheduleCallback state has no 'batch_counter'; got keys {sorted(state_dict)}")
+            raise KeyError(f"{type(self).__name__} state has no 'batch_counter'; got keys {sorted(state_dict)}")
         self.batch_counter = int(state_dict["batch_counter"])
         saved_seed = state_dict.get("seed")
         if saved_seed is not None:
@@ -212,8 +248,8 @@ class ScheduleCallback(Callback):
                 self.resolved_seed = int(saved_seed)
             elif int(saved_seed) != self.seed:
                 rank_zero_warn(
-                    f"ScheduleCallback(seed={self.seed}) resumes a run that used seed {saved_seed}; the draws from "
-                    "here on follow the new seed"
+                    f"{type(self).__name__}(seed={self.seed}) resumes a run that used seed {saved_seed}; the draws "
+                    "from here on follow the new seed"
                 )
         saved_type = state_dict.get("sampler_type")
         if saved_type == type(self.sampler).__name__:
@@ -223,3 +259,21 @@ class ScheduleCallback(Callback):
                 f"The checkpoint's timestep sampler was {saved_type}, this run uses {type(self.sampler).__name__}; "
                 "its state starts fresh"
             )
+
+
+class ScheduleCallback(DiffusionSeedCallback):
+    """Deprecated name of :class:`DiffusionSeedCallback` (kept for one release): ``sampler=`` is ``timestep_sampler=``.
+
+    Args:
+        sampler: See ``timestep_sampler`` of :class:`DiffusionSeedCallback`.
+        seed: See :class:`DiffusionSeedCallback`.
+    """
+
+    def __init__(self, sampler: TimestepSamplerName | TimestepSampler = "uniform", seed: int | None = None) -> None:
+        warnings.warn(
+            "ScheduleCallback is renamed DiffusionSeedCallback (its sampler= argument is timestep_sampler=); the old "
+            "name goes in the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        super().__init__(sampler, seed)
