@@ -158,9 +158,9 @@ class LatentDiffusionMixin(DiffusionMixin):
     def drop_conditions(self, cond: Any) -> Any:
         """In training mode, replace conditions by the null condition per sample with the registered probabilities.
 
-        Drawn from ``diffusion_generator``, which ``DiffusionSeedCallback`` seeds per rank and per batch: each rank draws
-        its own masks, a function of ``(seed, rank, batch counter)`` only, so a resumed run draws them again. Returns
-        ``cond`` unchanged in eval mode or without dropout.
+        Drawn from ``diffusion_generator``, which ``DiffusionSeedCallback`` seeds per rank and per batch: each rank
+        draws its own masks, a function of ``(seed, rank, batch counter)`` only, so a resumed run draws them again.
+        Returns ``cond`` unchanged in eval mode or without dropout.
         """
         if not self.training or not self._cond_dropout or cond is None:
             return cond

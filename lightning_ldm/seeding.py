@@ -10,8 +10,8 @@ __all__ = ["derive_seed"]
 def derive_seed(*keys: int) -> int:
     """A 63-bit seed from non-negative integer keys, through numpy's ``SeedSequence`` (well-mixed, platform-stable).
 
-    ``DiffusionSeedCallback`` seeds training batch ``i`` of rank ``r`` with ``derive_seed(seed, 0, r, i)`` and validation
-    batch ``j`` of dataloader ``d`` with ``derive_seed(seed, 1, r, d, j)``.
+    ``DiffusionSeedCallback`` seeds training batch ``i`` of rank ``r`` with ``derive_seed(seed, 0, r, i)`` and
+    validation batch ``j`` of dataloader ``d`` with ``derive_seed(seed, 1, r, d, j)``.
 
     Args:
         keys: Non-negative integers.
