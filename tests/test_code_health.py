@@ -22,7 +22,8 @@ def relative(path: Path) -> str:
 
 def test_the_package_sources_are_found() -> None:
     names = {relative(p) for p in SOURCES}
-    assert {"lightning_ldm/mixin.py", "lightning_ldm/noise_schedule.py", "lightning_ldm/callbacks/schedule.py"} <= names
+    expected = {"lightning_ldm/mixin.py", "lightning_ldm/compat.py", "lightning_ldm/callbacks/diffusion_seed.py"}
+    assert expected <= names
 
 
 # --------------------------------------------------------------------------------------- (a) private torch API
@@ -206,6 +207,57 @@ def test_the_circle_detector_finds_direct_lazy_and_long_circles() -> None:
         ["lightning_ldm.a", "lightning_ldm.b"],
         ["lightning_ldm.c", "lightning_ldm.d", "lightning_ldm.e"],
     ]
+
+
+# ------------------------------------------------------------------------------------------ (c) a slim mixin
+#: What mixing in adds to a ``LightningModule`` at most (issue 14: "at most ~25", done when <= 30).
+MAX_MIXIN_NAMES = 25
+
+
+def added_public_names(mixin: type) -> list[str]:
+    import lightning.pytorch as L
+
+    class Module(mixin, L.LightningModule):  # type: ignore[misc, valid-type]
+        pass
+
+    base = {name for name in dir(L.LightningModule) if not name.startswith("_")}
+    return sorted({name for name in dir(Module) if not name.startswith("_")} - base)
+
+
+def test_the_mixins_add_few_public_names_to_a_lightning_module() -> None:
+    from lightning_ldm.latent import LatentDiffusionMixin
+    from lightning_ldm.mixin import DiffusionMixin
+
+    plain, latent = added_public_names(DiffusionMixin), added_public_names(LatentDiffusionMixin)
+    assert plain == [
+        "apply_model",
+        "check_schedule_on_load",
+        "denoiser_name",
+        "diffusion_generator",
+        "diffusion_loss",
+        "draw_noise",
+        "draw_timesteps",
+        "fixed_timestep_loss",
+        "last_timestep_losses",
+        "noise_schedule",
+        "register_schedule",
+        "sample",
+        "timestep_sampler",
+    ]
+    assert set(plain) < set(latent) and len(latent) <= MAX_MIXIN_NAMES, latent
+    # CompVis' names (tables, num_timesteps, q_sample, ...) are opt-in: none of them comes with the plain mixins
+    assert not {"alphas_cumprod", "betas", "num_timesteps", "parameterization", "q_sample", "snr"} & set(latent)
+
+
+def test_the_name_counter_sees_what_a_mixin_adds() -> None:
+    class Adds:
+        extra = 1
+
+        def method(self) -> None: ...
+
+        def _private(self) -> None: ...
+
+    assert added_public_names(Adds) == ["extra", "method"]
 
 
 # ------------------------------------------------------------------------------- (d) words for the reference
