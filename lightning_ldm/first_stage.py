@@ -245,7 +245,11 @@ class FirstStage(nn.Module):
         self.scale_by_std = scale_by_std
         self.autocast = autocast
         self.keep_weights_in_checkpoint = keep_weights_in_checkpoint
-        self.autoencoder = autoencoder.eval().requires_grad_(False)
+        # never chain on what eval()/train() return: CompVis replaces a frozen stage's `train` by `disabled_train`,
+        # so its `.eval()` returns whatever that function returns (False), not the module
+        autoencoder.eval()
+        autoencoder.requires_grad_(False)
+        self.autoencoder = autoencoder
         self.register_buffer("scale_factor", torch.tensor(scale, dtype=torch.float32))
         self.register_buffer("scale_fitted", torch.tensor(False))
         self._scale = scale

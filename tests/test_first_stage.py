@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 from lightning_ldm.first_stage import FirstStage
+from tests import compvis_reference as ref
 
 
 class DiagonalGaussianDistribution:
@@ -162,6 +163,20 @@ def test_micro_batching(micro: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- frozen
+def test_compvis_frozen_autoencoder_with_disabled_train_is_wrapped() -> None:
+    """Issue 13.9: CompVis' frozen stage (``train = disabled_train``) returns False from ``.eval()``."""
+    ae = ref.freeze_stage(make_ae())
+    assert ae.eval() is False  # what the wrapper must not chain on
+    fs = FirstStage(ae, scale_factor=0.5)
+    assert fs.autoencoder is ae and not ae.training and not any(m.training for m in ae.modules())
+    nn.Sequential(fs).train()
+    assert fs.training and not any(m.training for m in ae.modules())
+    x = images()
+    with torch.no_grad():
+        mean = ae.encode(x).mean
+    torch.testing.assert_close(fs.encode(x, sample_posterior=False), mean * 0.5, rtol=0, atol=0)
+
+
 def test_frozen_through_train_and_no_grads() -> None:
     ae = make_ae()
     fs = FirstStage(ae)

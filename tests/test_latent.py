@@ -193,6 +193,26 @@ def test_first_stage_is_frozen_through_fit() -> None:
     assert all(not any(flags) for flags in model.records["ae_training"])  # every autoencoder submodule in eval
 
 
+def test_compvis_frozen_stages_with_disabled_train_register_and_fit() -> None:
+    """Issue 13.9: CompVis' LatentDiffusion freezes its first and cond stage models with ``train = disabled_train``
+    (``.eval()`` then returns False); ``register_first_stage`` takes such an autoencoder and a fit runs with it."""
+    model = LDM(scale_by_std=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        ae = ref.freeze_stage(TinyAE())  # CompVis: self.first_stage_model (built like LDM's own TinyAE)
+    ref.freeze_stage(model.class_embed)  # CompVis: self.cond_stage_model
+    stage = model.register_first_stage(ae, scale_by_std=True)
+    assert stage.autoencoder is ae and model.first_stage is stage
+    embed_before = params(model.class_embed)
+    make_trainer(max_steps=2, callbacks=[ScheduleCallback(seed=SEED)]).fit(model, loader())
+    assert all(not any(flags) for flags in model.records["ae_training"])  # the autoencoder stayed in eval
+    assert not model.class_embed.training and all(
+        torch.equal(a, b) for a, b in zip(embed_before, params(model.class_embed), strict=True)
+    )
+    z = hand_latents(model, model.records["x"][0], torch.Generator().manual_seed(derive_seed(SEED, 0, 0, 0)))
+    assert stage.is_scale_fitted and stage.scale == pytest.approx(1.0 / float(z.double().flatten().std()), rel=2**-24)
+
+
 # ------------------------------------------------------------------------------------------------ scale_by_std
 def test_scale_by_std_is_one_over_std_of_the_first_batch() -> None:
     model = LDM(scale_by_std=True)
