@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.amp.autocast_mode import is_autocast_available
 
-from lightning_ldm._checks import check_int, check_real
+from lightning_ldm._checks import check_int, check_real, describe
 
 __all__ = ["FirstStage"]
 
@@ -143,12 +143,17 @@ def _finish_state_dict(module: FirstStage, state_dict: dict[str, Any], prefix: s
 
 
 def _check_stored_scale(module: FirstStage, state_dict: Mapping[str, Any], prefix: str) -> None:
-    """Restore (``scale_by_std``) or check (fixed factor) the stored scale factor."""
+    """Refuse a corrupt stored scale factor, then restore (``scale_by_std``) or check (fixed factor) it."""
     module._load_prefix = prefix
     stored = state_dict.get(prefix + "scale_factor")
     if stored is None:
         return
-    value = float(torch.as_tensor(stored).float())
+    name = f"the checkpoint's {prefix}scale_factor"
+    stored = torch.as_tensor(stored)
+    if stored.numel() != 1:
+        raise ValueError(f"{name} must hold one number, got {describe(stored)}")
+    # what the constructor accepts, and nothing else: a NaN, 0, negative or infinite factor is a corrupt checkpoint
+    value = check_real(name, float(stored.float()), minimum=0.0, min_inclusive=False)
     if module.scale_by_std:
         fitted = state_dict.get(prefix + "scale_fitted")
         module._set_scale(value, fitted=True if fitted is None else bool(torch.as_tensor(fitted)))
@@ -189,6 +194,9 @@ class FirstStage(nn.Module):
             parameter dtype (float32 unless the module was cast), as Stability's ``disable_first_stage_autocast``.
         keep_weights_in_checkpoint: ``False`` leaves the autoencoder's weights out of ``state_dict()`` and accepts
             their absence on load (the scale factor is always kept).
+
+    Loading a state dict whose ``scale_factor`` the constructor would refuse (NaN, infinite, zero or negative: a
+    corrupt checkpoint) raises the constructor's ``ValueError``, naming the checkpoint's key.
 
     Attributes:
         scale_factor: Float32 0-d buffer: the checkpoint record of the factor in use (:attr:`scale`).

@@ -288,6 +288,44 @@ def test_unfitted_state_is_restored_unfitted() -> None:
     assert fresh.needs_scale_fit and fresh.scale == 1.0
 
 
+@pytest.mark.parametrize("scale_by_std", [True, False])
+@pytest.mark.parametrize(
+    ("stored", "match"),
+    [
+        (
+            float("nan"),
+            r"the checkpoint's first_stage\.scale_factor=nan must be finite; expected a number in \(0, inf\]",
+        ),
+        (
+            float("inf"),
+            r"the checkpoint's first_stage\.scale_factor=inf must be finite; expected a number in \(0, inf\]",
+        ),
+        (0.0, r"the checkpoint's first_stage\.scale_factor=0 is out of range; expected a number in \(0, inf\]"),
+        (-0.5, r"the checkpoint's first_stage\.scale_factor=-0\.5 is out of range; expected a number in \(0, inf\]"),
+    ],
+)
+def test_corrupt_stored_scale_factor_is_refused_at_load(stored: float, match: str, scale_by_std: bool) -> None:
+    """Issue 13.2: a NaN, infinite, zero or negative stored factor is refused with the constructor's message."""
+    options: dict[str, Any] = {"scale_by_std": True} if scale_by_std else {"scale_factor": 0.5}
+    state = roundtrip(nn.ModuleDict({"first_stage": FirstStage(make_ae(), **options)}).state_dict())
+    state["first_stage.scale_factor"] = torch.tensor(stored)
+    fresh = FirstStage(make_ae(), **options)
+    with pytest.raises(ValueError, match=match):
+        nn.ModuleDict({"first_stage": fresh}).load_state_dict(state)
+    with pytest.raises(ValueError, match=match.replace(r"the checkpoint's first_stage\.", "")):
+        FirstStage(make_ae(), scale_factor=stored)  # the constructor's message, without the key
+    assert fresh.scale == (1.0 if scale_by_std else 0.5) and not fresh.is_scale_fitted  # nothing was restored
+
+
+def test_stored_scale_factor_with_several_values_is_refused() -> None:
+    state = FirstStage(make_ae(), scale_by_std=True).state_dict()
+    state["scale_factor"] = torch.tensor([0.5, 0.25])
+    with pytest.raises(
+        ValueError, match=r"the checkpoint's scale_factor must hold one number, got a tensor of shape \(2,\)"
+    ):
+        FirstStage(make_ae(), scale_by_std=True).load_state_dict(state)
+
+
 def test_the_factor_in_use_survives_casts_and_buffer_overwrites() -> None:
     fs = FirstStage(make_ae(), scale_factor=0.18215)
     fs.to(torch.bfloat16)
