@@ -21,7 +21,7 @@ import contextlib
 import inspect
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -134,9 +134,7 @@ def _pooled_std(latents: Tensor, shift: float, group: Any) -> float:
 
 def _finish_state_dict(module: FirstStage, state_dict: dict[str, Any], prefix: str) -> None:
     """Store the factor in use (float32) and leave the autoencoder out when asked."""
-    device = module.scale_factor.device
-    state_dict[prefix + "scale_factor"] = torch.tensor(module.scale, dtype=torch.float32, device=device)
-    state_dict[prefix + "scale_fitted"] = torch.tensor(module.is_scale_fitted, device=device)
+    module.store_scale(state_dict, prefix)
     if not module.keep_weights_in_checkpoint:
         for key in [k for k in state_dict if k.startswith(prefix + "autoencoder.")]:
             del state_dict[key]
@@ -291,6 +289,23 @@ class FirstStage(nn.Module):
         out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
         _finish_state_dict(self, out, prefix)
         return out
+
+    def store_scale(self, state_dict: MutableMapping[str, Any], prefix: str = "") -> None:
+        """Write the factor in use (float32) and the fitted flag into ``state_dict`` under ``prefix``.
+
+        :meth:`state_dict` calls it. Call it yourself where a checkpoint's state dict was taken from *another copy*
+        of this module: Lightning's ``WeightAveraging`` (``EMAWeightAveraging``) saves its averaged copy, made before
+        :meth:`fit_scale` ran, whose factor was never fitted. ``LatentDiffusionMixin.on_save_checkpoint`` does it for
+        every first stage of the module.
+
+        Args:
+            state_dict: The state dict to update (entries already there keep their device).
+            prefix: This module's key prefix in ``state_dict`` (``"first_stage."``).
+        """
+        stored = state_dict.get(prefix + "scale_factor")
+        device = stored.device if isinstance(stored, Tensor) else self.scale_factor.device
+        state_dict[prefix + "scale_factor"] = torch.tensor(self._scale, dtype=torch.float32, device=device)
+        state_dict[prefix + "scale_fitted"] = torch.tensor(self._fitted, device=device)
 
     def _load_from_state_dict(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 from pathlib import Path
@@ -324,6 +325,21 @@ def test_stored_scale_factor_with_several_values_is_refused() -> None:
         ValueError, match=r"the checkpoint's scale_factor must hold one number, got a tensor of shape \(2,\)"
     ):
         FirstStage(make_ae(), scale_by_std=True).load_state_dict(state)
+
+
+def test_store_scale_writes_the_live_factor_over_a_stale_copy() -> None:
+    """Issue 13.1: a copy taken before the fit (an EMA average) holds the unfitted factor; the live one writes over."""
+    live = FirstStage(make_ae(), scale_by_std=True)
+    averaged = copy.deepcopy(live)  # what AveragedModel does at fit start
+    value = live.fit_scale(torch.randn(4, 2, 4, 4) * 3)
+    state = nn.ModuleDict({"first_stage": averaged}).state_dict()
+    assert float(state["first_stage.scale_factor"]) == 1.0 and not bool(state["first_stage.scale_fitted"])
+    live.store_scale(state, "first_stage.")
+    assert state["first_stage.scale_factor"].dtype == torch.float32
+    assert float(state["first_stage.scale_factor"]) == value and bool(state["first_stage.scale_fitted"])
+    fresh = FirstStage(make_ae(), scale_by_std=True)
+    nn.ModuleDict({"first_stage": fresh}).load_state_dict(state)
+    assert fresh.scale == value and fresh.is_scale_fitted
 
 
 def test_the_factor_in_use_survives_casts_and_buffer_overwrites() -> None:
