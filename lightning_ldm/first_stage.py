@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.amp.autocast_mode import is_autocast_available
+from torch.distributions import Distribution, Independent, Normal
 
 from lightning_ldm._checks import check_int, check_real, describe
 
@@ -70,24 +71,53 @@ def _takes_generator(method: Callable[..., Any]) -> bool:
         return False
 
 
+def _moments(posterior: Any) -> tuple[Any, Any]:
+    """``(mean, std)`` of a posterior that is sampled here as ``mean + std·ε`` (``None`` where it has none).
+
+    Duck-typed ``mean``/``std`` (CompVis' and diffusers' ``DiagonalGaussianDistribution``), or a
+    ``torch.distributions.Normal`` (possibly inside ``Independent``), whose std is ``stddev``. Any other
+    ``torch.distributions`` object has no ``std`` here: ``mean + stddev·ε`` would not be a draw from it.
+    """
+    if isinstance(posterior, Distribution):
+        base = posterior
+        while isinstance(base, Independent):
+            base = base.base_dist
+        try:
+            mean = posterior.mean
+        except NotImplementedError:
+            return None, None
+        return mean, (posterior.stddev if isinstance(base, Normal) else None)
+    return getattr(posterior, "mean", None), getattr(posterior, "std", None)
+
+
 def _draw_latents(posteriors: list[Any], generator: torch.Generator | None, sample_posterior: bool) -> Tensor:
     """Latents (float32 or the encoder's dtype) from the per-micro-batch encoder outputs.
 
-    A distribution exposing ``mean`` and ``std`` is sampled here as ``mean + std·ε`` with one float32 ``ε`` drawn for
-    the whole batch from ``generator`` (on the generator's device), so micro-batching does not change the draw.
+    A Gaussian posterior (``mean`` and ``std``, or a ``torch.distributions.Normal``) is sampled here as
+    ``mean + std·ε`` with one float32 ``ε`` drawn for the whole batch from ``generator`` (on the generator's device),
+    so micro-batching does not change the draw. Another ``torch.distributions`` object cannot draw from
+    ``generator``: it is refused when one is given.
     """
     first = posteriors[0]
     if isinstance(first, Tensor):
         return torch.cat(posteriors)
-    mean, std = getattr(first, "mean", None), getattr(first, "std", None)
+    mean, std = _moments(first)
     if isinstance(mean, Tensor) and (not sample_posterior or isinstance(std, Tensor)):
-        means = torch.cat([p.mean for p in posteriors])
+        moments = [_moments(p) for p in posteriors]
+        means = torch.cat([m for m, _ in moments])
         if not sample_posterior:
             return means
-        stds = torch.cat([p.std for p in posteriors])
+        stds = torch.cat([s for _, s in moments])
         draw_device = generator.device if generator is not None else means.device
         noise = torch.randn(means.shape, generator=generator, device=draw_device, dtype=torch.float32)
         return means.float() + stds.float() * noise.to(means.device)
+    if isinstance(first, Distribution) and sample_posterior and generator is not None:
+        raise TypeError(
+            f"the autoencoder's encode returned a torch.distributions.{type(first).__name__}, which cannot draw "
+            "from the given generator (its .sample() would use the global RNG); FirstStage draws mean + std·ε from "
+            "the generator for a Normal (or Independent Normal) or an object with mean/std tensors: return one of "
+            "those, or encode with sample_posterior=False"
+        )
     name = "sample" if sample_posterior else "mode"
     method = getattr(first, name, None)
     if not callable(method):
@@ -178,8 +208,9 @@ class FirstStage(nn.Module):
 
     Args:
         autoencoder: An ``nn.Module`` with callable ``encode`` and ``decode``. ``encode`` may return a diffusers
-            output (``.latent_dist``), a distribution (``mean``/``std``, or ``.sample()``/``.mode()``), a tuple (its
-            first element is used) or a Tensor; ``decode`` a diffusers output (``.sample``), a tuple or a Tensor.
+            output (``.latent_dist``), a distribution (``mean``/``std``, a ``torch.distributions.Normal``, or
+            ``.sample()``/``.mode()``), a tuple (its first element is used) or a Tensor; ``decode`` a diffusers output
+            (``.sample``), a tuple or a Tensor.
         scale_factor: Latent scale. ``None`` takes the autoencoder's ``config.scaling_factor`` when it has one, else
             ``1.0``. With ``scale_by_std`` it is the value used until :meth:`fit_scale` runs.
         shift_factor: Latent shift, subtracted before scaling. ``None`` takes ``config.shift_factor`` (``None`` there
@@ -369,7 +400,9 @@ class FirstStage(nn.Module):
         Args:
             x: Images ``(B, C, H, W)`` (or any layout the autoencoder takes), batch first.
             generator: Generator for the posterior sample (on its own device; ``None``: the global RNG).
-            sample_posterior: Draw from the posterior (``mean + std·ε``, or ``.sample()``); ``False`` takes its mode.
+            sample_posterior: Draw from the posterior (``mean + std·ε`` with ``ε`` from ``generator`` for a Gaussian:
+                ``mean``/``std``, or a ``torch.distributions.Normal``; else ``.sample()``); ``False`` takes its mode
+                (the mean of a Gaussian).
             scaled: Return :meth:`scale_latents` of the latents; ``False`` returns them as the autoencoder gives them
                 (what :meth:`fit_scale` takes).
 
@@ -378,7 +411,8 @@ class FirstStage(nn.Module):
 
         Raises:
             ValueError: ``x`` is not a Tensor with a non-empty batch dimension.
-            TypeError: The autoencoder's output is neither a Tensor nor a distribution.
+            TypeError: The autoencoder's output is neither a Tensor nor a distribution, or is a non-Gaussian
+                ``torch.distributions`` object while a ``generator`` is given (it cannot draw from it).
         """
         outputs = self._run("encode", "latent_dist", x)
         with torch.no_grad():

@@ -146,6 +146,61 @@ def test_tuple_output_and_sample_only_distribution() -> None:
     torch.testing.assert_close(fs.encode(x, sample_posterior=False), h, rtol=0, atol=0)
 
 
+class TorchDistributionAE(TinyCompVisAE):
+    """``encode`` returns a ``torch.distributions`` object: Normal, Independent(Normal) or Laplace (mean/scale)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def encode(self, x: Tensor) -> Any:  # type: ignore[override]
+        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        scale = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        if self.kind == "laplace":
+            return torch.distributions.Laplace(mean, scale)
+        normal = torch.distributions.Normal(mean, scale)
+        return torch.distributions.Independent(normal, 3) if self.kind == "independent" else normal
+
+
+@pytest.mark.parametrize("micro", [None, 2])
+@pytest.mark.parametrize("kind", ["normal", "independent"])
+def test_torch_normal_posterior_is_drawn_from_the_generator(kind: str, micro: int | None) -> None:
+    """Issue 13.4: a torch Normal (``stddev``, no ``std``) is drawn as mean + stddev·ε from the generator, not by
+    ``.sample()`` from the global RNG."""
+    torch.manual_seed(0)
+    ae = TorchDistributionAE(kind)
+    fs = FirstStage(ae, scale_factor=0.5, micro_batch_size=micro)
+    x = images()
+    torch.manual_seed(99)
+    global_state = torch.get_rng_state()
+    z = fs.encode(x, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(torch.get_rng_state(), global_state)  # the global RNG was not consumed
+    with torch.no_grad():
+        posts = [ae.encode(c) for c in (x.split(micro) if micro else (x,))]
+        mean, std = torch.cat([p.mean for p in posts]), torch.cat([p.stddev for p in posts])
+    noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(z, (mean + std * noise) * 0.5, rtol=0, atol=0)
+    torch.testing.assert_close(fs.encode(x, sample_posterior=False), mean * 0.5, rtol=0, atol=0)
+
+
+def test_other_torch_distributions_are_refused_with_a_generator() -> None:
+    """Issue 13.4: mean + stddev·ε is no draw from a Laplace; with a generator it is refused, without one the
+    distribution's own ``.sample()`` draws from the global RNG (as documented for ``generator=None``)."""
+    torch.manual_seed(0)
+    ae = TorchDistributionAE("laplace")
+    fs = FirstStage(ae)
+    x = images()
+    with pytest.raises(TypeError, match=r"encode returned a torch\.distributions\.Laplace, which cannot draw from"):
+        fs.encode(x, generator=torch.Generator().manual_seed(7))
+    torch.manual_seed(5)
+    z = fs.encode(x)
+    with torch.no_grad():
+        post = ae.encode(x)
+    torch.manual_seed(5)
+    torch.testing.assert_close(z, post.sample(), rtol=0, atol=0)
+    torch.testing.assert_close(fs.encode(x, sample_posterior=False, generator=torch.Generator()), post.mean)
+
+
 @pytest.mark.parametrize("micro", [1, 2, 4])
 def test_micro_batching(micro: int) -> None:
     ae = make_ae()
