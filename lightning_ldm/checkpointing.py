@@ -12,7 +12,9 @@
 * **Inputs.** Tensor inputs are saved with ``save_for_backward`` (in-place modification before backward is detected,
   saved-tensor hooks see them). Non-tensor inputs (``None``, numbers, strings, ...) are passed through to ``func``
   unchanged and get no gradient; a list/tuple/dict input that holds a tensor requiring grad is refused at forward time
-  (its gradient would be lost silently).
+  (its gradient would be lost silently). Keyword arguments (``kwargs=``) travel positionally through the engine, so a
+  tensor passed by keyword (a denoiser's ``context=``) gets its gradient like a positional one; binding it into a
+  ``functools.partial`` would make it a constant of the recomputation and drop its gradient silently.
 * **Parameters.** When ``func`` is an ``nn.Module``, a bound method of one, or a ``functools.partial`` of either,
   that module's parameters requiring grad that are missing from ``params`` are added (CompVis silently leaves them
   without gradient). Parameters used by any other callable (a closure, a lambda) cannot be seen: pass them in
@@ -36,6 +38,8 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.amp.autocast_mode import is_autocast_available
+
+from lightning_ldm._checks import describe
 
 __all__ = ["CheckpointFunction", "checkpoint"]
 
@@ -107,6 +111,23 @@ def _holds_grad_tensor(value: Any) -> bool:
     if isinstance(value, Mapping):
         return any(_holds_grad_tensor(v) for v in value.values())
     return False
+
+
+class _KeywordCall:
+    """``func(*values[:length], **dict(zip(names, values[length:])))``.
+
+    The reentrant engine sees only positional inputs, so keyword arguments travel after them, each differentiated
+    (tensors) or passed through (the rest).
+    """
+
+    def __init__(self, func: Callable[..., Any], length: int, names: tuple[str, ...]) -> None:
+        self.func = func
+        self.length = length
+        self.names = names
+
+    def __call__(self, *values: Any) -> Any:
+        keywords = dict(zip(self.names, values[self.length :], strict=True))
+        return self.func(*values[: self.length], **keywords)
 
 
 def _forward(ctx: Any, run_function: Callable[..., Any], length: int, args: tuple[Any, ...], rng: bool) -> Any:
@@ -222,8 +243,9 @@ def checkpoint(
     *,
     use_reentrant: bool = True,
     preserve_rng_state: bool = True,
+    kwargs: Mapping[str, Any] | None = None,
 ) -> Any:
-    """Evaluate ``func(*inputs)`` without keeping its activations; recompute them in backward.
+    """Evaluate ``func(*inputs, **kwargs)`` without keeping its activations; recompute them in backward.
 
     Args:
         func: The function to evaluate. With the reentrant engine it must return a Tensor or a tuple.
@@ -236,28 +258,37 @@ def checkpoint(
         use_reentrant: ``True`` (CompVis' engine, :class:`CheckpointFunction`); ``False`` delegates to
             ``torch.utils.checkpoint.checkpoint(use_reentrant=False)`` (needed for DDP ``find_unused_parameters``).
         preserve_rng_state: Restore the RNG state for the recomputation so dropout draws the same mask.
+        kwargs: Keyword arguments of ``func``, treated as ``inputs`` are: tensors among them are differentiated
+            (with the reentrant engine they travel positionally through it), other values are passed through.
 
     Returns:
         Whatever ``func`` returns.
 
     Raises:
-        TypeError: ``inputs`` or ``params`` is a single tensor instead of a sequence, a parameter is not a tensor, a
-            list/tuple/dict input holds a tensor that requires grad, or (reentrant) ``func`` returns something other
-            than a Tensor or a tuple.
+        TypeError: ``inputs`` or ``params`` is a single tensor instead of a sequence, ``kwargs`` is not a mapping
+            with string keys, a parameter is not a tensor, a list/tuple/dict input or keyword argument holds a tensor
+            that requires grad, or (reentrant) ``func`` returns something other than a Tensor or a tuple.
     """
     if isinstance(inputs, Tensor) or not isinstance(inputs, Sequence) or isinstance(inputs, str):
         raise TypeError(
             f"inputs must be a sequence (tuple or list) of func's arguments, got {type(inputs).__name__}; "
             "wrap a single tensor as (x,)"
         )
+    if kwargs is not None and (not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs)):
+        raise TypeError(f"kwargs must be a mapping of keyword names (str) to func's arguments, got {describe(kwargs)}")
+    keywords = dict(kwargs or {})
     if not flag:
-        return func(*inputs)
+        return func(*inputs, **keywords)
     if not use_reentrant:
         return torch.utils.checkpoint.checkpoint(
-            func, *inputs, use_reentrant=False, preserve_rng_state=preserve_rng_state
+            func, *inputs, use_reentrant=False, preserve_rng_state=preserve_rng_state, **keywords
         )
     if isinstance(params, Tensor):
         raise TypeError("params must be an iterable of tensors (e.g. module.parameters()), got a single Tensor")
+    module = _module_of(func)
+    names = [f"inputs[{i}]" for i in range(len(inputs))] + [f"kwargs[{k!r}]" for k in keywords]
+    if keywords:  # keyword arguments travel after the positional ones
+        func, inputs = _KeywordCall(func, len(inputs), tuple(keywords)), (*inputs, *keywords.values())
     # each tensor once: a tensor passed twice would get its gradient twice
     known = {id(x) for x in inputs if isinstance(x, Tensor)}
     param_list: list[Tensor] = []
@@ -267,13 +298,12 @@ def checkpoint(
         if id(p) not in known:
             known.add(id(p))
             param_list.append(p)
-    module = _module_of(func)
     if module is not None:
         param_list += [p for p in module.parameters() if p.requires_grad and id(p) not in known]
-    for i, x in enumerate(inputs):
+    for name, x in zip(names, inputs, strict=True):
         if not isinstance(x, Tensor) and _holds_grad_tensor(x):
             raise TypeError(
-                f"inputs[{i}] is a {type(x).__name__} holding a tensor that requires grad; the reentrant checkpoint "
+                f"{name} is a {type(x).__name__} holding a tensor that requires grad; the reentrant checkpoint "
                 "cannot differentiate through containers: pass the tensors as separate inputs or use "
                 "use_reentrant=False"
             )

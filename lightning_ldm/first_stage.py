@@ -21,15 +21,16 @@ import contextlib
 import inspect
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.amp.autocast_mode import is_autocast_available
+from torch.distributions import Distribution, Independent, Normal
 
-from lightning_ldm._checks import check_int, check_real
+from lightning_ldm._checks import check_int, check_real, describe
 
 __all__ = ["FirstStage"]
 
@@ -70,24 +71,53 @@ def _takes_generator(method: Callable[..., Any]) -> bool:
         return False
 
 
+def _moments(posterior: Any) -> tuple[Any, Any]:
+    """``(mean, std)`` of a posterior that is sampled here as ``mean + std·ε`` (``None`` where it has none).
+
+    Duck-typed ``mean``/``std`` (CompVis' and diffusers' ``DiagonalGaussianDistribution``), or a
+    ``torch.distributions.Normal`` (possibly inside ``Independent``), whose std is ``stddev``. Any other
+    ``torch.distributions`` object has no ``std`` here: ``mean + stddev·ε`` would not be a draw from it.
+    """
+    if isinstance(posterior, Distribution):
+        base = posterior
+        while isinstance(base, Independent):
+            base = base.base_dist
+        try:
+            mean = posterior.mean
+        except NotImplementedError:
+            return None, None
+        return mean, (posterior.stddev if isinstance(base, Normal) else None)
+    return getattr(posterior, "mean", None), getattr(posterior, "std", None)
+
+
 def _draw_latents(posteriors: list[Any], generator: torch.Generator | None, sample_posterior: bool) -> Tensor:
     """Latents (float32 or the encoder's dtype) from the per-micro-batch encoder outputs.
 
-    A distribution exposing ``mean`` and ``std`` is sampled here as ``mean + std·ε`` with one float32 ``ε`` drawn for
-    the whole batch from ``generator`` (on the generator's device), so micro-batching does not change the draw.
+    A Gaussian posterior (``mean`` and ``std``, or a ``torch.distributions.Normal``) is sampled here as
+    ``mean + std·ε`` with one float32 ``ε`` drawn for the whole batch from ``generator`` (on the generator's device),
+    so micro-batching does not change the draw. Another ``torch.distributions`` object cannot draw from
+    ``generator``: it is refused when one is given.
     """
     first = posteriors[0]
     if isinstance(first, Tensor):
         return torch.cat(posteriors)
-    mean, std = getattr(first, "mean", None), getattr(first, "std", None)
+    mean, std = _moments(first)
     if isinstance(mean, Tensor) and (not sample_posterior or isinstance(std, Tensor)):
-        means = torch.cat([p.mean for p in posteriors])
+        moments = [_moments(p) for p in posteriors]
+        means = torch.cat([m for m, _ in moments])
         if not sample_posterior:
             return means
-        stds = torch.cat([p.std for p in posteriors])
+        stds = torch.cat([s for _, s in moments])
         draw_device = generator.device if generator is not None else means.device
         noise = torch.randn(means.shape, generator=generator, device=draw_device, dtype=torch.float32)
         return means.float() + stds.float() * noise.to(means.device)
+    if isinstance(first, Distribution) and sample_posterior and generator is not None:
+        raise TypeError(
+            f"the autoencoder's encode returned a torch.distributions.{type(first).__name__}, which cannot draw "
+            "from the given generator (its .sample() would use the global RNG); FirstStage draws mean + std·ε from "
+            "the generator for a Normal (or Independent Normal) or an object with mean/std tensors: return one of "
+            "those, or encode with sample_posterior=False"
+        )
     name = "sample" if sample_posterior else "mode"
     method = getattr(first, name, None)
     if not callable(method):
@@ -134,21 +164,24 @@ def _pooled_std(latents: Tensor, shift: float, group: Any) -> float:
 
 def _finish_state_dict(module: FirstStage, state_dict: dict[str, Any], prefix: str) -> None:
     """Store the factor in use (float32) and leave the autoencoder out when asked."""
-    device = module.scale_factor.device
-    state_dict[prefix + "scale_factor"] = torch.tensor(module.scale, dtype=torch.float32, device=device)
-    state_dict[prefix + "scale_fitted"] = torch.tensor(module.is_scale_fitted, device=device)
+    module.store_scale(state_dict, prefix)
     if not module.keep_weights_in_checkpoint:
         for key in [k for k in state_dict if k.startswith(prefix + "autoencoder.")]:
             del state_dict[key]
 
 
 def _check_stored_scale(module: FirstStage, state_dict: Mapping[str, Any], prefix: str) -> None:
-    """Restore (``scale_by_std``) or check (fixed factor) the stored scale factor."""
+    """Refuse a corrupt stored scale factor, then restore (``scale_by_std``) or check (fixed factor) it."""
     module._load_prefix = prefix
     stored = state_dict.get(prefix + "scale_factor")
     if stored is None:
         return
-    value = float(torch.as_tensor(stored).float())
+    name = f"the checkpoint's {prefix}scale_factor"
+    stored = torch.as_tensor(stored)
+    if stored.numel() != 1:
+        raise ValueError(f"{name} must hold one number, got {describe(stored)}")
+    # what the constructor accepts, and nothing else: a NaN, 0, negative or infinite factor is a corrupt checkpoint
+    value = check_real(name, float(stored.float()), minimum=0.0, min_inclusive=False)
     if module.scale_by_std:
         fitted = state_dict.get(prefix + "scale_fitted")
         module._set_scale(value, fitted=True if fitted is None else bool(torch.as_tensor(fitted)))
@@ -175,8 +208,9 @@ class FirstStage(nn.Module):
 
     Args:
         autoencoder: An ``nn.Module`` with callable ``encode`` and ``decode``. ``encode`` may return a diffusers
-            output (``.latent_dist``), a distribution (``mean``/``std``, or ``.sample()``/``.mode()``), a tuple (its
-            first element is used) or a Tensor; ``decode`` a diffusers output (``.sample``), a tuple or a Tensor.
+            output (``.latent_dist``), a distribution (``mean``/``std``, a ``torch.distributions.Normal``, or
+            ``.sample()``/``.mode()``), a tuple (its first element is used) or a Tensor; ``decode`` a diffusers output
+            (``.sample``), a tuple or a Tensor.
         scale_factor: Latent scale. ``None`` takes the autoencoder's ``config.scaling_factor`` when it has one, else
             ``1.0``. With ``scale_by_std`` it is the value used until :meth:`fit_scale` runs.
         shift_factor: Latent shift, subtracted before scaling. ``None`` takes ``config.shift_factor`` (``None`` there
@@ -189,6 +223,9 @@ class FirstStage(nn.Module):
             parameter dtype (float32 unless the module was cast), as Stability's ``disable_first_stage_autocast``.
         keep_weights_in_checkpoint: ``False`` leaves the autoencoder's weights out of ``state_dict()`` and accepts
             their absence on load (the scale factor is always kept).
+
+    Loading a state dict whose ``scale_factor`` the constructor would refuse (NaN, infinite, zero or negative: a
+    corrupt checkpoint) raises the constructor's ``ValueError``, naming the checkpoint's key.
 
     Attributes:
         scale_factor: Float32 0-d buffer: the checkpoint record of the factor in use (:attr:`scale`).
@@ -245,7 +282,11 @@ class FirstStage(nn.Module):
         self.scale_by_std = scale_by_std
         self.autocast = autocast
         self.keep_weights_in_checkpoint = keep_weights_in_checkpoint
-        self.autoencoder = autoencoder.eval().requires_grad_(False)
+        # never chain on what eval()/train() return: CompVis replaces a frozen stage's `train` by `disabled_train`,
+        # so its `.eval()` returns whatever that function returns (False), not the module
+        autoencoder.eval()
+        autoencoder.requires_grad_(False)
+        self.autoencoder = autoencoder
         self.register_buffer("scale_factor", torch.tensor(scale, dtype=torch.float32))
         self.register_buffer("scale_fitted", torch.tensor(False))
         self._scale = scale
@@ -279,6 +320,23 @@ class FirstStage(nn.Module):
         out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
         _finish_state_dict(self, out, prefix)
         return out
+
+    def store_scale(self, state_dict: MutableMapping[str, Any], prefix: str = "") -> None:
+        """Write the factor in use (float32) and the fitted flag into ``state_dict`` under ``prefix``.
+
+        :meth:`state_dict` calls it. Call it yourself where a checkpoint's state dict was taken from *another copy*
+        of this module: Lightning's ``WeightAveraging`` (``EMAWeightAveraging``) saves its averaged copy, made before
+        :meth:`fit_scale` ran, whose factor was never fitted. ``LatentDiffusionMixin.on_save_checkpoint`` does it for
+        every first stage of the module.
+
+        Args:
+            state_dict: The state dict to update (entries already there keep their device).
+            prefix: This module's key prefix in ``state_dict`` (``"first_stage."``).
+        """
+        stored = state_dict.get(prefix + "scale_factor")
+        device = stored.device if isinstance(stored, Tensor) else self.scale_factor.device
+        state_dict[prefix + "scale_factor"] = torch.tensor(self._scale, dtype=torch.float32, device=device)
+        state_dict[prefix + "scale_fitted"] = torch.tensor(self._fitted, device=device)
 
     def _load_from_state_dict(
         self,
@@ -342,7 +400,9 @@ class FirstStage(nn.Module):
         Args:
             x: Images ``(B, C, H, W)`` (or any layout the autoencoder takes), batch first.
             generator: Generator for the posterior sample (on its own device; ``None``: the global RNG).
-            sample_posterior: Draw from the posterior (``mean + std·ε``, or ``.sample()``); ``False`` takes its mode.
+            sample_posterior: Draw from the posterior (``mean + std·ε`` with ``ε`` from ``generator`` for a Gaussian:
+                ``mean``/``std``, or a ``torch.distributions.Normal``; else ``.sample()``); ``False`` takes its mode
+                (the mean of a Gaussian).
             scaled: Return :meth:`scale_latents` of the latents; ``False`` returns them as the autoencoder gives them
                 (what :meth:`fit_scale` takes).
 
@@ -351,7 +411,8 @@ class FirstStage(nn.Module):
 
         Raises:
             ValueError: ``x`` is not a Tensor with a non-empty batch dimension.
-            TypeError: The autoencoder's output is neither a Tensor nor a distribution.
+            TypeError: The autoencoder's output is neither a Tensor nor a distribution, or is a non-Gaussian
+                ``torch.distributions`` object while a ``generator`` is given (it cannot draw from it).
         """
         outputs = self._run("encode", "latent_dist", x)
         with torch.no_grad():

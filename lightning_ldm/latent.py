@@ -24,11 +24,12 @@ names and ``parameterization``) runs against such a module unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_ldm._checks import check_choice, check_real
 from lightning_ldm.conditioning import (
@@ -78,6 +79,24 @@ class LatentDiffusionMixin(DiffusionMixin):
         stage = FirstStage(autoencoder, **options)
         nn.Module.__setattr__(self, "first_stage", stage)  # registers the submodule that the property reads
         return stage
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Write every first stage's factor in use over the checkpoint's state dict, then call ``super()``.
+
+        Lightning's ``WeightAveraging`` (``EMAWeightAveraging``) replaces ``checkpoint["state_dict"]`` with its
+        averaged copy of the module, made at fit start, before :meth:`FirstStage.fit_scale` ran: without this the
+        checkpoint would carry the copy's never-fitted factor. The fitted scale is first-stage state, not a trained
+        weight; the live module's is the one in use. This hook runs after every callback's ``on_save_checkpoint``
+        (and also for ``save_weights_only=True``, which skips the callbacks').
+        """
+        state = checkpoint.get("state_dict")
+        if isinstance(state, MutableMapping):
+            for name, module in self.named_modules():
+                prefix = f"{name}." if name else ""
+                if isinstance(module, FirstStage) and prefix + "scale_factor" in state:
+                    module.store_scale(state, prefix)
+        super().on_save_checkpoint(checkpoint)
 
     def register_conditioning(
         self,

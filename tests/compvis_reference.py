@@ -10,6 +10,7 @@ under test checks nothing.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -182,3 +183,19 @@ def timestep_embedding(
     else:
         embedding = timesteps[:, None].expand(-1, dim)  # CompVis: einops.repeat(timesteps, "b -> b d", d=dim)
     return embedding
+
+
+def disabled_train(self: Any, mode: bool = True) -> Any:
+    """CompVis' ``disabled_train`` (``ldm/models/diffusion/ddpm.py``): set as an *instance* attribute, unbound."""
+    return self
+
+
+def freeze_stage(model: torch.nn.Module) -> torch.nn.Module:
+    """CompVis' ``instantiate_first_stage``/``instantiate_cond_stage`` after building ``model``: eval, then
+    ``model.train = disabled_train`` and every parameter frozen. Afterwards ``model.eval()`` (``model.train(False)``)
+    calls ``disabled_train(False)`` and returns ``False``; the model's mode no longer changes."""
+    frozen = model.eval()
+    frozen.train = disabled_train  # type: ignore[method-assign]
+    for param in frozen.parameters():
+        param.requires_grad = False
+    return frozen

@@ -319,3 +319,62 @@ def test_cuda_fp16_autocast_and_dropout():
         return [xg.grad, *(p.grad for p in model.parameters())]
 
     assert max_diff(run(ours), run(plain)) == 0.0
+
+
+class CondBlock(nn.Module):
+    """A denoiser block with keyword conditions, as CompVis' UNet: ``block(x, context=..., y=..., scale=...)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin_x = nn.Linear(4, 4)
+        self.lin_c = nn.Linear(3, 4)
+        self.lin_y = nn.Linear(2, 4)
+
+    def forward(self, x, context=None, y=None, scale=1.0, label=None):
+        assert label in (None, "tag")
+        out = self.lin_x(x) + self.lin_c(context).mean(1)
+        return (out + self.lin_y(y)) * scale if y is not None else out * scale
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_keyword_tensors_get_their_gradient(use_reentrant):
+    """Issue 13.3: tensors passed by keyword are differentiated (they travel positionally through the engine)."""
+    torch.manual_seed(0)
+    block, conditioner = CondBlock(), nn.Linear(5, 3)
+    x, tokens, y = torch.randn(2, 4), torch.randn(2, 7, 5), torch.randn(2, 2)
+
+    def grads(run):
+        block.zero_grad(set_to_none=True)
+        conditioner.zero_grad(set_to_none=True)
+        xg, yg = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+        out = run(xg, conditioner(tokens), yg)
+        (out**2).sum().backward()
+        return [xg.grad, yg.grad, *(p.grad for p in (*block.parameters(), *conditioner.parameters()))]
+
+    reference = grads(lambda x, c, y: block(x, context=c, y=y, scale=2.0, label="tag"))
+    got = grads(
+        lambda x, c, y: checkpoint(
+            block,
+            (x,),
+            [],
+            True,
+            use_reentrant=use_reentrant,
+            kwargs={"context": c, "y": y, "scale": 2.0, "label": "tag"},
+        )
+    )
+    assert all(g is not None for g in got)
+    assert max_diff(got, reference) == 0.0
+    assert conditioner.weight.grad.abs().sum() > 0
+
+
+def test_keyword_arguments_are_validated():
+    block = CondBlock()
+    x = torch.randn(2, 4, requires_grad=True)
+    context = torch.randn(2, 7, 3, requires_grad=True)
+    with pytest.raises(TypeError, match=r"kwargs\['context'\] is a list holding a tensor that requires grad"):
+        checkpoint(block, (x,), [], True, kwargs={"context": [context]})
+    with pytest.raises(TypeError, match=r"kwargs must be a mapping of keyword names \(str\) to func's arguments"):
+        checkpoint(block, (x,), [], True, kwargs=[("context", context)])
+    with pytest.raises(TypeError, match=r"kwargs must be a mapping of keyword names \(str\) .* got \{0: 1\}"):
+        checkpoint(block, (x,), [], True, kwargs={0: 1})
+    assert torch.equal(checkpoint(block, (x,), [], False, kwargs={"context": context}), block(x, context=context))

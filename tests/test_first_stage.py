@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 from lightning_ldm.first_stage import FirstStage
+from tests import compvis_reference as ref
 
 
 class DiagonalGaussianDistribution:
@@ -144,6 +146,61 @@ def test_tuple_output_and_sample_only_distribution() -> None:
     torch.testing.assert_close(fs.encode(x, sample_posterior=False), h, rtol=0, atol=0)
 
 
+class TorchDistributionAE(TinyCompVisAE):
+    """``encode`` returns a ``torch.distributions`` object: Normal, Independent(Normal) or Laplace (mean/scale)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def encode(self, x: Tensor) -> Any:  # type: ignore[override]
+        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        scale = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        if self.kind == "laplace":
+            return torch.distributions.Laplace(mean, scale)
+        normal = torch.distributions.Normal(mean, scale)
+        return torch.distributions.Independent(normal, 3) if self.kind == "independent" else normal
+
+
+@pytest.mark.parametrize("micro", [None, 2])
+@pytest.mark.parametrize("kind", ["normal", "independent"])
+def test_torch_normal_posterior_is_drawn_from_the_generator(kind: str, micro: int | None) -> None:
+    """Issue 13.4: a torch Normal (``stddev``, no ``std``) is drawn as mean + stddev·ε from the generator, not by
+    ``.sample()`` from the global RNG."""
+    torch.manual_seed(0)
+    ae = TorchDistributionAE(kind)
+    fs = FirstStage(ae, scale_factor=0.5, micro_batch_size=micro)
+    x = images()
+    torch.manual_seed(99)
+    global_state = torch.get_rng_state()
+    z = fs.encode(x, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(torch.get_rng_state(), global_state)  # the global RNG was not consumed
+    with torch.no_grad():
+        posts = [ae.encode(c) for c in (x.split(micro) if micro else (x,))]
+        mean, std = torch.cat([p.mean for p in posts]), torch.cat([p.stddev for p in posts])
+    noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(z, (mean + std * noise) * 0.5, rtol=0, atol=0)
+    torch.testing.assert_close(fs.encode(x, sample_posterior=False), mean * 0.5, rtol=0, atol=0)
+
+
+def test_other_torch_distributions_are_refused_with_a_generator() -> None:
+    """Issue 13.4: mean + stddev·ε is no draw from a Laplace; with a generator it is refused, without one the
+    distribution's own ``.sample()`` draws from the global RNG (as documented for ``generator=None``)."""
+    torch.manual_seed(0)
+    ae = TorchDistributionAE("laplace")
+    fs = FirstStage(ae)
+    x = images()
+    with pytest.raises(TypeError, match=r"encode returned a torch\.distributions\.Laplace, which cannot draw from"):
+        fs.encode(x, generator=torch.Generator().manual_seed(7))
+    torch.manual_seed(5)
+    z = fs.encode(x)
+    with torch.no_grad():
+        post = ae.encode(x)
+    torch.manual_seed(5)
+    torch.testing.assert_close(z, post.sample(), rtol=0, atol=0)
+    torch.testing.assert_close(fs.encode(x, sample_posterior=False, generator=torch.Generator()), post.mean)
+
+
 @pytest.mark.parametrize("micro", [1, 2, 4])
 def test_micro_batching(micro: int) -> None:
     ae = make_ae()
@@ -162,6 +219,20 @@ def test_micro_batching(micro: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- frozen
+def test_compvis_frozen_autoencoder_with_disabled_train_is_wrapped() -> None:
+    """Issue 13.9: CompVis' frozen stage (``train = disabled_train``) returns False from ``.eval()``."""
+    ae = ref.freeze_stage(make_ae())
+    assert ae.eval() is False  # what the wrapper must not chain on
+    fs = FirstStage(ae, scale_factor=0.5)
+    assert fs.autoencoder is ae and not ae.training and not any(m.training for m in ae.modules())
+    nn.Sequential(fs).train()
+    assert fs.training and not any(m.training for m in ae.modules())
+    x = images()
+    with torch.no_grad():
+        mean = ae.encode(x).mean
+    torch.testing.assert_close(fs.encode(x, sample_posterior=False), mean * 0.5, rtol=0, atol=0)
+
+
 def test_frozen_through_train_and_no_grads() -> None:
     ae = make_ae()
     fs = FirstStage(ae)
@@ -271,6 +342,59 @@ def test_unfitted_state_is_restored_unfitted() -> None:
     fresh = FirstStage(make_ae(), scale_by_std=True)
     fresh.load_state_dict(state)
     assert fresh.needs_scale_fit and fresh.scale == 1.0
+
+
+@pytest.mark.parametrize("scale_by_std", [True, False])
+@pytest.mark.parametrize(
+    ("stored", "match"),
+    [
+        (
+            float("nan"),
+            r"the checkpoint's first_stage\.scale_factor=nan must be finite; expected a number in \(0, inf\]",
+        ),
+        (
+            float("inf"),
+            r"the checkpoint's first_stage\.scale_factor=inf must be finite; expected a number in \(0, inf\]",
+        ),
+        (0.0, r"the checkpoint's first_stage\.scale_factor=0 is out of range; expected a number in \(0, inf\]"),
+        (-0.5, r"the checkpoint's first_stage\.scale_factor=-0\.5 is out of range; expected a number in \(0, inf\]"),
+    ],
+)
+def test_corrupt_stored_scale_factor_is_refused_at_load(stored: float, match: str, scale_by_std: bool) -> None:
+    """Issue 13.2: a NaN, infinite, zero or negative stored factor is refused with the constructor's message."""
+    options: dict[str, Any] = {"scale_by_std": True} if scale_by_std else {"scale_factor": 0.5}
+    state = roundtrip(nn.ModuleDict({"first_stage": FirstStage(make_ae(), **options)}).state_dict())
+    state["first_stage.scale_factor"] = torch.tensor(stored)
+    fresh = FirstStage(make_ae(), **options)
+    with pytest.raises(ValueError, match=match):
+        nn.ModuleDict({"first_stage": fresh}).load_state_dict(state)
+    with pytest.raises(ValueError, match=match.replace(r"the checkpoint's first_stage\.", "")):
+        FirstStage(make_ae(), scale_factor=stored)  # the constructor's message, without the key
+    assert fresh.scale == (1.0 if scale_by_std else 0.5) and not fresh.is_scale_fitted  # nothing was restored
+
+
+def test_stored_scale_factor_with_several_values_is_refused() -> None:
+    state = FirstStage(make_ae(), scale_by_std=True).state_dict()
+    state["scale_factor"] = torch.tensor([0.5, 0.25])
+    with pytest.raises(
+        ValueError, match=r"the checkpoint's scale_factor must hold one number, got a tensor of shape \(2,\)"
+    ):
+        FirstStage(make_ae(), scale_by_std=True).load_state_dict(state)
+
+
+def test_store_scale_writes_the_live_factor_over_a_stale_copy() -> None:
+    """Issue 13.1: a copy taken before the fit (an EMA average) holds the unfitted factor; the live one writes over."""
+    live = FirstStage(make_ae(), scale_by_std=True)
+    averaged = copy.deepcopy(live)  # what AveragedModel does at fit start
+    value = live.fit_scale(torch.randn(4, 2, 4, 4) * 3)
+    state = nn.ModuleDict({"first_stage": averaged}).state_dict()
+    assert float(state["first_stage.scale_factor"]) == 1.0 and not bool(state["first_stage.scale_fitted"])
+    live.store_scale(state, "first_stage.")
+    assert state["first_stage.scale_factor"].dtype == torch.float32
+    assert float(state["first_stage.scale_factor"]) == value and bool(state["first_stage.scale_fitted"])
+    fresh = FirstStage(make_ae(), scale_by_std=True)
+    nn.ModuleDict({"first_stage": fresh}).load_state_dict(state)
+    assert fresh.scale == value and fresh.is_scale_fitted
 
 
 def test_the_factor_in_use_survives_casts_and_buffer_overwrites() -> None:

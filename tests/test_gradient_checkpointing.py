@@ -12,8 +12,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from lightning_ldm.callbacks import GradientCheckpointing
+from lightning_ldm.callbacks import GradientCheckpointing, ScheduleCallback
 from tests.lightning_helpers import TinyDenoiser, make_loader, make_trainer
+from tests.test_latent import LDM, SEED, loader
 
 
 class _CopyDuringFit(Callback):
@@ -141,3 +142,30 @@ def test_instance_forward_is_wrapped_copied_and_restored() -> None:
     out = copies[0](x)
     assert torch.equal(out, x * 2.0)
     assert out.requires_grad
+
+
+class _GradsLDM(LDM):
+    """The cross-attention LDM of ``test_latent``; keeps every parameter's gradient of the first step."""
+
+    def on_after_backward(self) -> None:
+        if not hasattr(self, "grads"):
+            self.grads = {n: p.grad.clone() for n, p in self.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_the_conditioner_gets_its_gradient_through_the_checkpointed_denoiser(use_reentrant: bool) -> None:
+    """Issue 13.3: apply_model passes ``context=`` by keyword; the module that produced it (``class_embed``) gets the
+    gradient it gets without checkpointing, with either engine."""
+
+    def first_step_grads(callbacks: list[Callback]) -> dict[str, Tensor]:
+        model = _GradsLDM()
+        make_trainer(max_steps=1, callbacks=[ScheduleCallback(seed=SEED), *callbacks]).fit(model, loader())
+        return model.grads
+
+    reference = first_step_grads([])
+    gc = GradientCheckpointing(["model"], use_reentrant=use_reentrant)
+    got = first_step_grads([gc])
+    assert "class_embed.weight" in reference and float(reference["class_embed.weight"].abs().sum()) > 0
+    assert sorted(got) == sorted(reference)  # no parameter is left without a gradient
+    for name, grad in reference.items():
+        torch.testing.assert_close(got[name], grad, rtol=0, atol=0, msg=name)

@@ -193,6 +193,26 @@ def test_first_stage_is_frozen_through_fit() -> None:
     assert all(not any(flags) for flags in model.records["ae_training"])  # every autoencoder submodule in eval
 
 
+def test_compvis_frozen_stages_with_disabled_train_register_and_fit() -> None:
+    """Issue 13.9: CompVis' LatentDiffusion freezes its first and cond stage models with ``train = disabled_train``
+    (``.eval()`` then returns False); ``register_first_stage`` takes such an autoencoder and a fit runs with it."""
+    model = LDM(scale_by_std=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        ae = ref.freeze_stage(TinyAE())  # CompVis: self.first_stage_model (built like LDM's own TinyAE)
+    ref.freeze_stage(model.class_embed)  # CompVis: self.cond_stage_model
+    stage = model.register_first_stage(ae, scale_by_std=True)
+    assert stage.autoencoder is ae and model.first_stage is stage
+    embed_before = params(model.class_embed)
+    make_trainer(max_steps=2, callbacks=[ScheduleCallback(seed=SEED)]).fit(model, loader())
+    assert all(not any(flags) for flags in model.records["ae_training"])  # the autoencoder stayed in eval
+    assert not model.class_embed.training and all(
+        torch.equal(a, b) for a, b in zip(embed_before, params(model.class_embed), strict=True)
+    )
+    z = hand_latents(model, model.records["x"][0], torch.Generator().manual_seed(derive_seed(SEED, 0, 0, 0)))
+    assert stage.is_scale_fitted and stage.scale == pytest.approx(1.0 / float(z.double().flatten().std()), rel=2**-24)
+
+
 # ------------------------------------------------------------------------------------------------ scale_by_std
 def test_scale_by_std_is_one_over_std_of_the_first_batch() -> None:
     model = LDM(scale_by_std=True)
@@ -309,6 +329,95 @@ def test_resumed_scale_is_bitwise_the_uninterrupted_one(tmp_path: Path) -> None:
     )
     assert model.first_stage is not None and resumed.first_stage is not None
     assert resumed.first_stage.scale == model.first_stage.scale
+
+
+# --------------------------------------------------------------------------------- the fitted scale under EMA
+_EMA_CASES = {
+    "no_ema": None,
+    "ema": {"decay": 0.5},
+    "ema_late_start": {"decay": 0.5, "update_starting_at_step": 100},  # the averaged copy is never updated
+}
+
+
+def _fit_with_checkpoints(tmp_path: Path, ema: dict[str, Any] | None) -> tuple[LDM, L.Trainer, dict[str, Path]]:
+    """Two steps with EMA (or not); checkpoints by ModelCheckpoint (full, weights only) and trainer.save_checkpoint."""
+    full = ModelCheckpoint(dirpath=tmp_path / "full", every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    weights = ModelCheckpoint(dirpath=tmp_path / "weights", every_n_train_steps=2, save_weights_only=True)
+    callbacks: list[Callback] = [ScheduleCallback(seed=SEED), full, weights]
+    if ema is not None:
+        callbacks.insert(1, EMAWeightAveraging(**ema))
+    model = LDM()
+    trainer = make_trainer(max_steps=2, callbacks=callbacks, enable_checkpointing=True)
+    trainer.fit(model, loader())
+    trainer.save_checkpoint(tmp_path / "after_fit.ckpt")
+    paths = {
+        "model_checkpoint_step1": tmp_path / "full" / "step=1.ckpt",
+        "model_checkpoint_step2": tmp_path / "full" / "step=2.ckpt",
+        "weights_only": next((tmp_path / "weights").glob("*.ckpt")),
+        "trainer_save_checkpoint": tmp_path / "after_fit.ckpt",
+    }
+    return model, trainer, paths
+
+
+@pytest.mark.parametrize("ema", list(_EMA_CASES))
+def test_every_checkpoint_carries_the_fitted_scale_with_and_without_ema(tmp_path: Path, ema: str) -> None:
+    """Issue 13.1: EMA's averaged copy, made before the fit, must not write its never-fitted factor."""
+    model, _, paths = _fit_with_checkpoints(tmp_path, _EMA_CASES[ema])
+    assert model.first_stage is not None and model.first_stage.is_scale_fitted
+    z = hand_latents(model, model.records["x"][0], torch.Generator().manual_seed(derive_seed(SEED, 0, 0, 0)))
+    fitted = 1.0 / float(z.double().flatten().std())
+    stored = float(torch.tensor(fitted, dtype=torch.float32))
+    assert model.first_stage.scale == pytest.approx(fitted, rel=2**-24) and abs(fitted - 1.0) > 0.05
+    latents = torch.randn(2, Z, 4, 4, generator=torch.Generator().manual_seed(3))
+    for route, path in paths.items():
+        state = torch.load(path, weights_only=False)["state_dict"]
+        assert float(state["first_stage.scale_factor"]) == model.first_stage.scale, route
+        assert bool(state["first_stage.scale_fitted"]), route
+        loaded = LDM.load_from_checkpoint(path)
+        assert loaded.first_stage is not None
+        assert loaded.first_stage.scale == model.first_stage.scale == stored, route
+        assert loaded.first_stage.is_scale_fitted and not loaded.first_stage.needs_scale_fit, route
+        with torch.no_grad():  # decodes with the fitted factor: z / scale into the (frozen) decoder
+            expected = model.first_stage.autoencoder.decode(latents / stored)
+            torch.testing.assert_close(loaded.eval().decode_first_stage(latents), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("resume_with_ema", [True, False])
+@pytest.mark.parametrize("ema", ["ema", "ema_late_start"])
+def test_resume_from_an_ema_checkpoint_restores_the_fitted_scale(
+    tmp_path: Path, ema: str, resume_with_ema: bool
+) -> None:
+    """Issue 13.1: resuming (with or without EMA) restores the fitted factor instead of fitting on other data."""
+    model, _, paths = _fit_with_checkpoints(tmp_path, _EMA_CASES[ema])
+    assert model.first_stage is not None
+    resumed = LDM()
+    assert resumed.first_stage is not None
+    fits: list[Tensor] = []
+    original_fit = resumed.first_stage.fit_scale
+
+    def spy(latents: Tensor, **kwargs: Any) -> float:
+        fits.append(latents)
+        return original_fit(latents, **kwargs)
+
+    resumed.first_stage.fit_scale = spy  # type: ignore[method-assign]
+    callbacks: list[Callback] = [ScheduleCallback(seed=SEED)]
+    if resume_with_ema:
+        callbacks.append(EMAWeightAveraging(**(_EMA_CASES[ema] or {})))
+    make_trainer(max_steps=3, callbacks=callbacks).fit(resumed, loader(), ckpt_path=paths["model_checkpoint_step1"])
+    assert fits == []  # restored, not fitted again on the resumed run's first batch
+    assert resumed.first_stage.scale == model.first_stage.scale and resumed.first_stage.is_scale_fitted
+    assert resumed.records["scale"] == [model.first_stage.scale] * 2
+
+
+@pytest.mark.parametrize("corrupt", [float("nan"), 0.0, -1.0, float("inf")])
+def test_load_from_checkpoint_refuses_a_corrupt_scale_factor(tmp_path: Path, corrupt: float) -> None:
+    """Issue 13.2: the corrupt factor is refused at load, with the constructor's message."""
+    _, _, paths = _fit_with_checkpoints(tmp_path, None)
+    checkpoint = torch.load(paths["trainer_save_checkpoint"], weights_only=False)
+    checkpoint["state_dict"]["first_stage.scale_factor"] = torch.tensor(corrupt)
+    torch.save(checkpoint, tmp_path / "corrupt.ckpt")
+    with pytest.raises(ValueError, match=rf"the checkpoint's first_stage\.scale_factor={corrupt:g} .*\(0, inf\]"):
+        LDM.load_from_checkpoint(tmp_path / "corrupt.ckpt")
 
 
 # ---------------------------------------------------------------------------------------------- SampleLogger

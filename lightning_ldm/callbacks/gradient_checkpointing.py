@@ -37,7 +37,8 @@ class GradientCheckpointing(Callback):
     * gets its ``forward`` replaced by a picklable wrapper (a deep copy or a pickle of the module taken during fit
       runs its own weights, checkpointed) so that, when gradients are enabled, it runs through
       ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`` (or, with ``use_reentrant=True``,
-      :func:`lightning_ldm.checkpoint`, passing the module's parameters). Both record the autocast state of the
+      :func:`lightning_ldm.checkpoint`, passing the module's parameters; tensors given by keyword, such as a
+      denoiser's ``context=``, are differentiated like positional ones). Both record the autocast state of the
       forward and recompute under it, so under ``precision="bf16-mixed"``/``"16-mixed"`` (where Lightning runs
       backward outside autocast) the gradients equal those of the uncheckpointed model; both restore the RNG state
       for the recomputation (dropout matches).
@@ -189,8 +190,9 @@ class _CheckpointedForward:
         if not torch.is_grad_enabled():
             return original(*args, **kwargs)
         if self.use_reentrant:
-            func = functools.partial(original, **kwargs) if kwargs else original
-            return ldm_checkpoint(func, args, tuple(self.module.parameters()), True, use_reentrant=True)
+            # keyword arguments (a denoiser's context=/y=) travel positionally through the reentrant engine, so the
+            # module that produced them gets its gradient (a functools.partial would freeze them as constants)
+            return ldm_checkpoint(original, args, tuple(self.module.parameters()), True, kwargs=kwargs)
         return torch.utils.checkpoint.checkpoint(original, *args, use_reentrant=False, **kwargs)
 
 
