@@ -19,7 +19,7 @@ OLDEST_VENV ?= .venv-oldest
 NEWEST_VENV ?= .venv-newest
 KEY_PACKAGES := '^(torch|lightning|einops|numpy|torchmetrics|diffusers|jsonargparse|pytest|hypothesis)=='
 
-.PHONY: setup test lint example example-latent bench clean test-oldest test-newest
+.PHONY: setup test lint docs example example-latent bench clean test-oldest test-newest
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml | $(PY)
 	@$(PY) -c "import torch" 2>/dev/null \
 		&& echo "set-up: keeping the installed torch $$($(PY) -c 'import torch; print(torch.__version__)')" \
 		|| $(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test,example,bench]"
+	$(PY) -m pip install --quiet -e ".[test,examples,bench,docs]"
 	@touch $@
 
 setup: $(STAMP)
@@ -40,6 +40,14 @@ lint: setup
 
 test: lint
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+
+# The HTML documentation in docs/_build/html: the guides (docs/*.md) and the API reference, generated from the
+# docstrings into docs/api/ on every build (both folders are git-ignored and rebuilt from scratch, so a renamed or
+# removed module leaves nothing stale). Warnings are errors (-W); the build fetches nothing over the network.
+docs: setup
+	rm -rf docs/_build docs/api
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	@echo "docs: open docs/_build/html/index.html"
 
 example: setup
 	$(PY) -m examples.video_blend.train fit --config examples/video_blend/config.yaml $(ARGS)
@@ -67,4 +75,5 @@ test-newest:
 	$(NEWEST_VENV)/bin/python -m pytest -q -n 2 -p no:cacheprovider $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) $(OLDEST_VENV) $(NEWEST_VENV) .pytest_cache .mypy_cache .ruff_cache runs benchmarks/results
+	rm -rf $(VENV) $(OLDEST_VENV) $(NEWEST_VENV) .pytest_cache .mypy_cache .ruff_cache runs benchmarks/results \
+		docs/_build docs/api

@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     from lightning_ldm.latent import LatentDiffusionMixin
     from lightning_ldm.mixin import DiffusionMixin
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.2.0.dev0"
 
 _LAZY = {
     "DiffusionMixin": "lightning_ldm.mixin",

@@ -3,15 +3,15 @@ r"""Route conditions into the denoising network as CompVis does, and drop them f
 CompVis' ``LatentDiffusion.apply_model`` turns the condition into a dict of lists, and ``DiffusionWrapper.forward``
 routes it by the model's ``conditioning_key``:
 
-==============  ==============================================================================================
-key             call
-==============  ==============================================================================================
-``None``        ``model(x, t)``
-``"concat"``    ``model(torch.cat([x, *c_concat], 1), t)``
-``"crossattn"`` ``model(x, t, context=torch.cat(c_crossattn, 1))``
-``"hybrid"``    ``model(torch.cat([x, *c_concat], 1), t, context=torch.cat(c_crossattn, 1))``
-``"adm"``       ``model(x, t, y=c_crossattn[0])``
-==============  ==============================================================================================
+===============  ==============================================================================================
+key              call
+===============  ==============================================================================================
+``None``         ``model(x, t)``
+``"concat"``     ``model(torch.cat([x, *c_concat], 1), t)``
+``"crossattn"``  ``model(x, t, context=torch.cat(c_crossattn, 1))``
+``"hybrid"``     ``model(torch.cat([x, *c_concat], 1), t, context=torch.cat(c_crossattn, 1))``
+``"adm"``        ``model(x, t, y=c_crossattn[0])``
+===============  ==============================================================================================
 
 A condition that is not a dict (a Tensor, or a list of Tensors) goes under ``"c_concat"`` for ``"concat"`` and under
 ``"c_crossattn"`` otherwise. :class:`HybridConditioner` returns the dict form directly.

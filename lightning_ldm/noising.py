@@ -2,16 +2,16 @@ r"""Forward noising and the parameterization identities, as functions of per-tim
 
 Every identity here has the form :math:`a_t x + s \, b_t y` with :math:`a, b` tables indexed by the timestep:
 
-=========================  ===================================  =====================================
-function                   formula                              tables (a, b)
-=========================  ===================================  =====================================
-:func:`q_sample`           √ā·x0 + √(1−ā)·ε                      sqrt_alphas_cumprod, sqrt_one_minus
-:func:`predict_start_from_noise`  √(1/ā)·x_t − √(1/ā−1)·ε       sqrt_recip, sqrt_recipm1
-:func:`get_v`              √ā·ε − √(1−ā)·x0                     sqrt_alphas_cumprod, sqrt_one_minus
-:func:`predict_start_from_v`      √ā·x_t − √(1−ā)·v             sqrt_alphas_cumprod, sqrt_one_minus
-:func:`predict_noise_from_v`      √ā·v + √(1−ā)·x_t             sqrt_alphas_cumprod, sqrt_one_minus
-:func:`q_posterior_mean`   c1·x0 + c2·x_t                       posterior_mean_coef1, coef2
-=========================  ===================================  =====================================
+================================  =======================  =====================================
+function                          formula                  tables (a, b)
+================================  =======================  =====================================
+:func:`q_sample`                  √ā·x0 + √(1−ā)·ε         sqrt_alphas_cumprod, sqrt_one_minus
+:func:`predict_start_from_noise`  √(1/ā)·x_t − √(1/ā−1)·ε  sqrt_recip, sqrt_recipm1
+:func:`get_v`                     √ā·ε − √(1−ā)·x0         sqrt_alphas_cumprod, sqrt_one_minus
+:func:`predict_start_from_v`      √ā·x_t − √(1−ā)·v        sqrt_alphas_cumprod, sqrt_one_minus
+:func:`predict_noise_from_v`      √ā·v + √(1−ā)·x_t        sqrt_alphas_cumprod, sqrt_one_minus
+:func:`q_posterior_mean`          c1·x0 + c2·x_t           posterior_mean_coef1, coef2
+================================  =======================  =====================================
 
 so one function, :func:`combine`, does the arithmetic for all of them. Coefficients are gathered from the
 (float32 or float64) tables and used in float32; only the result is cast to the sample's dtype. Casting the tables

@@ -76,15 +76,15 @@ def make_beta_schedule(
 ) -> np.ndarray:
     r"""Return CompVis' beta schedule: a float64 numpy array of shape ``(n_timestep,)``.
 
-    ======================  ========================================================================================
-    schedule                β
-    ======================  ========================================================================================
-    ``"linear"``            ``linspace(√linear_start, √linear_end, n)²`` (diffusers: ``"scaled_linear"``)
-    ``"cosine"``            ``1 − ā_{k+1}/ā_k`` clipped to [0, 0.999], ``ā_k = cos²((k/n + s)/(1 + s)·π/2)/ā_0``
-    ``"squaredcos_cap_v2"`` :func:`betas_for_alpha_bar` of ``cos²((t + 0.008)/1.008·π/2)``; ignores the other args
-    ``"sqrt_linear"``       ``linspace(linear_start, linear_end, n)`` (diffusers: ``"linear"``)
-    ``"sqrt"``              ``linspace(linear_start, linear_end, n) ** 0.5``
-    ======================  ========================================================================================
+    =======================  ========================================================================================
+    schedule                 β
+    =======================  ========================================================================================
+    ``"linear"``             ``linspace(√linear_start, √linear_end, n)²`` (diffusers: ``"scaled_linear"``)
+    ``"cosine"``             ``1 − ā_{k+1}/ā_k`` clipped to [0, 0.999], ``ā_k = cos²((k/n + s)/(1 + s)·π/2)/ā_0``
+    ``"squaredcos_cap_v2"``  :func:`betas_for_alpha_bar` of ``cos²((t + 0.008)/1.008·π/2)``; ignores the other args
+    ``"sqrt_linear"``        ``linspace(linear_start, linear_end, n)`` (diffusers: ``"linear"``)
+    ``"sqrt"``               ``linspace(linear_start, linear_end, n) ** 0.5``
+    =======================  ========================================================================================
 
     With ``cosine_s=0.008``, ``"cosine"`` equals ``"squaredcos_cap_v2"`` to ~1e-16. Stable Diffusion uses
     ``"linear"`` with 0.00085 → 0.012.

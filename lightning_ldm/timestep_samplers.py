@@ -4,15 +4,15 @@ A sampler draws ``t ∈ {0, …, T − 1}`` for a batch. :class:`~lightning_ldm.
 on a :class:`~lightning_ldm.mixin.DiffusionMixin` (attribute ``timestep_sampler``), whose ``sample_timesteps`` then
 calls :meth:`TimestepSampler.sample` with the module's generator.
 
-==========================  =============================================================================
-sampler                     distribution of ``t``
-==========================  =============================================================================
-:class:`UniformSampler`     ``p(t) = 1/T`` (DDPM)
-:class:`LossAwareSampler`   ``p(t) ∝ √E[L_t²]`` over the last losses seen at ``t`` (improved-diffusion's
-                            ``LossSecondMomentResampler``), mixed with a little uniform; uniform until every
-                            ``t`` has a full history. Pair with :meth:`TimestepSampler.importance_weights`.
+===========================  =============================================================================
+sampler                      distribution of ``t``
+===========================  =============================================================================
+:class:`UniformSampler`      ``p(t) = 1/T`` (DDPM)
+:class:`LossAwareSampler`    ``p(t) ∝ √E[L_t²]`` over the last losses seen at ``t`` (improved-diffusion's
+                             ``LossSecondMomentResampler``), mixed with a little uniform; uniform until every
+                             ``t`` has a full history. Pair with :meth:`TimestepSampler.importance_weights`.
 :class:`LogitNormalSampler`  ``u = sigmoid(m + s·n)``, ``n ~ N(0, 1)``; ``t = min(⌊u·T⌋, T − 1)`` (SD3)
-==========================  =============================================================================
+===========================  =============================================================================
 
 Everything here is torch only (no Lightning), and every draw goes through the ``generator`` given to
 :meth:`~TimestepSampler.sample`, so a seeded generator reproduces the draws exactly.
