@@ -208,7 +208,7 @@ def test_quick_config_differs_from_the_main_config_only_where_it_must() -> None:
         "max_steps", "callbacks"}  # fmt: skip
     assert _callback_spec(quick, "EMAWeightAveraging")["init_args"]["update_starting_at_step"] < 50
     changed = {
-        "EMAWeightAveraging": {"update_starting_at_step": 10},
+        "EMAWeightAveraging": {"decay": 0.9, "update_starting_at_step": 10},
         "TimestepLossMonitor": {"log_every_n_steps": 25},
         "SampleLogger": {"every_n_steps": 25},
     }
