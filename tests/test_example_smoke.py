@@ -7,14 +7,18 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from examples.video_blend.data import MovingShapes, VideoClipDataModule
-from examples.video_blend.model import SpatialResBlock, VideoDenoiser, VideoUNet
+from examples.video_blend.model import SpatialResBlock, VideoAttentionBlock, VideoDenoiser, VideoResBlock, VideoUNet
 from examples.video_blend.report import centres_of_mass, motion_stats
+from lightning_ldm import get_obj_from_str
+from lightning_ldm.callbacks import GradientCheckpointing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,34 +133,91 @@ def test_still_images_get_exactly_the_spatial_only_output() -> None:
         assert not torch.equal(blended(x, t, ~still), baseline(x, t, ~still))
 
 
-def test_gradient_checkpointing_recomputes_and_keeps_the_gradients() -> None:
-    def gradients(use_checkpoint: bool) -> tuple[dict[str, torch.Tensor], int]:
-        torch.manual_seed(0)
-        model = VideoDenoiser(width=16, use_checkpoint=use_checkpoint, parameterization="v")
-        _randomised(model.net)
-        calls = 0
+def _config(name: str = "config.yaml") -> dict:
+    return yaml.safe_load((ROOT / "examples" / "video_blend" / name).read_text())
 
-        def count(*_: object) -> None:
-            nonlocal calls
-            calls += 1
+
+def _callback_spec(config: dict, suffix: str) -> dict:
+    (spec,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith(suffix)]
+    return spec
+
+
+def _configured_checkpointed_types() -> list[type]:
+    paths = _callback_spec(_config(), "GradientCheckpointing")["init_args"]["modules"]
+    return [get_obj_from_str(path) for path in paths]
+
+
+@pytest.mark.parametrize(
+    ("modules", "recomputed"),
+    [
+        (None, {"res": 0, "attention": 2}),  # config.yaml's choice: the attention block (its two attentions)
+        ([VideoResBlock, VideoAttentionBlock], {"res": 2, "attention": 2}),  # every block, as the README says
+    ],
+)
+def test_gradient_checkpointing_callback_recomputes_the_blocks_and_keeps_the_gradients(
+    modules: list[type] | None, recomputed: dict[str, int]
+) -> None:
+    callback = GradientCheckpointing(modules=modules or _configured_checkpointed_types())
+
+    def gradients(checkpointed: bool) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        torch.manual_seed(0)
+        model = VideoDenoiser(width=16, parameterization="v")
+        _randomised(model.net)
+        calls = {"res": 0, "attention": 0}
+
+        def counter(kind: str) -> Callable[..., None]:
+            def count(*_: object) -> None:
+                calls[kind] += 1
+
+            return count
 
         for module in model.modules():
             if isinstance(module, SpatialResBlock):
-                module.in_layers.register_forward_hook(count)
+                module.in_layers.register_forward_hook(counter("res"))
+            if isinstance(module, VideoAttentionBlock):
+                for attention in (module.spatial, module.temporal):
+                    attention.qkv.register_forward_hook(counter("attention"))
+        if checkpointed:
+            callback.on_fit_start(None, model)  # type: ignore[arg-type]  # the trainer is not used
         x = _clips()
         loss = model.diffusion_loss(
             model.net, x, t=torch.tensor([5, 900]), noise=torch.ones_like(x),
             model_kwargs={"image_only_indicator": torch.tensor([[False] * 4, [True] * 4])},
         )  # fmt: skip
         loss.backward()
+        if checkpointed:
+            callback.on_fit_end(None, model)  # type: ignore[arg-type]
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, calls
 
     plain, plain_calls = gradients(False)
     checkpointed, checkpointed_calls = gradients(True)
-    assert plain_calls == 2 and checkpointed_calls == 4  # two spatial blocks, each run again in backward
+    assert plain_calls == {"res": 2, "attention": 2}  # two spatial res blocks, one spatial and one temporal attention
+    assert checkpointed_calls == {kind: plain_calls[kind] + recomputed[kind] for kind in plain_calls}
     assert plain.keys() == checkpointed.keys() and "net.in_block.blender.mix_factor" in plain
-    for name in plain:
-        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+    for name in plain:  # the recomputation repeats the same kernels on the same inputs: the same bits
+        assert torch.equal(checkpointed[name], plain[name]), name
+
+
+def test_quick_config_differs_from_the_main_config_only_where_it_must() -> None:
+    """quick.yaml repeats the callback list (a list replaces the earlier one whole): it must not drift from config.yaml.
+
+    Its EMA must start before its last step, or Lightning swaps the never-updated average (the untrained model) in.
+    """
+    main, quick = _config(), _config("quick.yaml")
+    assert quick["trainer"]["max_steps"] == 50 and set(quick) == {"trainer"} and set(quick["trainer"]) == {
+        "max_steps", "callbacks"}  # fmt: skip
+    assert _callback_spec(quick, "EMAWeightAveraging")["init_args"]["update_starting_at_step"] < 50
+    changed = {
+        "EMAWeightAveraging": {"decay": 0.9, "update_starting_at_step": 10},
+        "TimestepLossMonitor": {"log_every_n_steps": 25},
+        "SampleLogger": {"every_n_steps": 25},
+    }
+    assert [c["class_path"] for c in quick["trainer"]["callbacks"]] == [
+        c["class_path"] for c in main["trainer"]["callbacks"]
+    ]
+    for mine, theirs in zip(quick["trainer"]["callbacks"], main["trainer"]["callbacks"], strict=True):
+        expected = {**theirs["init_args"], **changed.get(theirs["class_path"].rsplit(".", 1)[-1], {})}
+        assert mine["init_args"] == expected, theirs["class_path"]
 
 
 # -------------------------------------------------------------------------------------------------- motion measure

@@ -12,12 +12,15 @@ a *temporal* path on top and mixes the two with :class:`lightning_ldm.AlphaBlend
 With ``merge_strategy="learned_with_images"``, α = σ(mix_factor) weights the spatial output, 1 − α the temporal one,
 and frames flagged in ``image_only_indicator`` (still images) take the spatial path only. ``spatial_only=True``
 builds the same network with every blender fixed at α = 1: the baseline that never looks across frames.
+
+The blocks are plain modules: gradient checkpointing is the Trainer's business, through
+:class:`lightning_ldm.callbacks.GradientCheckpointing` (see ``config.yaml``), which checkpoints chosen block types
+during ``fit`` only. Every call into :class:`~lightning_ldm.mixin.DiffusionMixin` is in :class:`VideoDenoiser`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from functools import partial
 from typing import Any, Literal
 
@@ -32,7 +35,6 @@ from lightning_ldm import (
     DiffusionMixin,
     ScheduleName,
     SinusoidalTimestepEmbedding,
-    checkpoint,
     timestep_embedding,
     zero_module,
 )
@@ -57,18 +59,7 @@ def _make_blender(spatial_only: bool, merge_factor: float, pattern: str) -> Alph
     return AlphaBlender(alpha=merge_factor, merge_strategy="learned_with_images", rearrange_pattern=pattern)
 
 
-class _Checkpointable(nn.Module):
-    """A block whose forward can be recomputed in the backward pass (``use_checkpoint``), saving activations."""
-
-    use_checkpoint: bool = False
-
-    def _run(self, func: Callable[..., Tensor], *inputs: Tensor) -> Tensor:
-        # Non-reentrant: every parameter used inside ``func`` gets its gradient, and DDP is happy.
-        flag = self.use_checkpoint and self.training and torch.is_grad_enabled()
-        return checkpoint(func, inputs, self.parameters(), flag, use_reentrant=False)
-
-
-class SpatialResBlock(_Checkpointable):
+class SpatialResBlock(nn.Module):
     """GroupNorm → SiLU → 3×3 conv, plus the timestep embedding, → GroupNorm → SiLU → zero-initialised 3×3 conv.
 
     Args:
@@ -90,14 +81,11 @@ class SpatialResBlock(_Checkpointable):
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         """Map ``(N, C_in, H, W)`` and an embedding ``(N, E)`` to ``(N, C_out, H, W)``."""
-        return self._run(self._forward, x, emb)
-
-    def _forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None].to(x.dtype)
         return self.skip(x) + self.out_layers(h)
 
 
-class TemporalResBlock(_Checkpointable):
+class TemporalResBlock(nn.Module):
     """:class:`SpatialResBlock`'s layout with ``(3, 1, 1)`` convolutions over ``(B, C, T, H, W)``: mixes nearby frames.
 
     Args:
@@ -114,9 +102,6 @@ class TemporalResBlock(_Checkpointable):
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         """Map ``(B, C, T, H, W)`` and a per-clip embedding ``(B, E)`` to ``(B, C, T, H, W)``."""
-        return self._run(self._forward, x, emb)
-
-    def _forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None, None].to(x.dtype)
         return x + self.out_layers(h)
 
@@ -165,7 +150,7 @@ class VideoResBlock(nn.Module):
         return rearrange(out, "b c t h w -> (b t) c h w")
 
 
-class _Attention(_Checkpointable):
+class _Attention(nn.Module):
     """Pre-norm multi-head self-attention with a zero-initialised output projection, residual."""
 
     def __init__(self, channels: int, num_heads: int) -> None:
@@ -177,9 +162,6 @@ class _Attention(_Checkpointable):
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Attend over dimension 1 of ``(N, L, C)`` tokens."""
-        return self._run(self._forward, tokens)
-
-    def _forward(self, tokens: Tensor) -> Tensor:
         q, k, v = rearrange(self.qkv(self.norm(tokens)), "n l (three h d) -> three n h l d", three=3, h=self.num_heads)
         attended = F.scaled_dot_product_attention(q, k, v)
         return tokens + self.proj(rearrange(attended, "n h l d -> n l (h d)"))
@@ -285,8 +267,6 @@ class VideoDenoiser(DiffusionMixin, L.LightningModule):
         num_heads: Attention heads.
         spatial_only: Fix every blender at α = 1 (the baseline without temporal mixing).
         merge_factor: Initial mix_factor of the learned blenders (α starts at σ(merge_factor)).
-        use_checkpoint: Recompute every block's activations in the backward pass (less memory, more time). The
-            ``GradientCheckpointing`` callback can switch it on for chosen block types instead.
         beta_schedule: Beta schedule name (see ``lightning_ldm.make_beta_schedule``).
         timesteps: Number of diffusion steps.
         linear_start: First beta of the linear schedules.
@@ -308,7 +288,6 @@ class VideoDenoiser(DiffusionMixin, L.LightningModule):
         num_heads: int = 4,
         spatial_only: bool = False,
         merge_factor: float = 0.5,
-        use_checkpoint: bool = False,
         beta_schedule: ScheduleName = "linear",
         timesteps: int = 1000,
         linear_start: float = 1e-4,
@@ -336,19 +315,6 @@ class VideoDenoiser(DiffusionMixin, L.LightningModule):
         if bad:
             raise ValueError(f"eval_timesteps must lie in [0, {timesteps - 1}], got {bad}")
         self.net = VideoUNet(in_channels, width, num_heads, spatial_only=spatial_only, merge_factor=merge_factor)
-        self.use_checkpoint = use_checkpoint
-
-    @property
-    def use_checkpoint(self) -> bool:
-        """Whether every block recomputes its activations in the backward pass."""
-        return getattr(self, "_use_checkpoint", False)
-
-    @use_checkpoint.setter
-    def use_checkpoint(self, value: bool) -> None:
-        self._use_checkpoint = bool(value)
-        for module in self.modules():
-            if isinstance(module, _Checkpointable):
-                module.use_checkpoint = bool(value)
 
     def forward(self, x: Tensor, t: Tensor, image_only_indicator: Tensor | None = None) -> Tensor:
         """The network's prediction for noisy clips ``x`` (B, T, C, H, W) at timesteps ``t`` (B,)."""
@@ -375,6 +341,42 @@ class VideoDenoiser(DiffusionMixin, L.LightningModule):
             seed=self.hparams["eval_seed"],
             model_kwargs={"image_only_indicator": batch["image_only_indicator"]},
         )
+
+    @torch.no_grad()
+    def sample_clips(
+        self,
+        shape: tuple[int, int, int, int, int],
+        *,
+        num_steps: int = 50,
+        method: Literal["uniform", "quad", "linspace", "trailing"] = "uniform",
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """DDIM samples of video clips (every frame flagged as video, not as a still image).
+
+        Args:
+            shape: ``(N, T, C, H, W)`` of the clips.
+            num_steps: DDIM steps.
+            method: DDIM timestep spacing.
+            eta: DDIM η (0: deterministic).
+            generator: Generator of the starting noise (the same seed gives every model the same noise).
+
+        Returns:
+            ``(N, T, C, H, W)`` samples on the module's device, in the module's dtype.
+        """
+        video = torch.zeros(shape[:2], dtype=torch.bool, device=self.device)
+        samples = self.ddim_sample(
+            self.net,
+            shape,
+            num_steps=num_steps,
+            method=method,
+            eta=eta,
+            generator=generator,
+            model_kwargs={"image_only_indicator": video},
+        )
+        if not isinstance(samples, Tensor):  # only with return_intermediates=True, which is not asked for
+            raise TypeError(f"ddim_sample returned {type(samples).__name__}, expected a tensor")
+        return samples
 
     def configure_optimizers(self) -> Any:
         """AdamW with a linear warm-up and a cosine decay to 10 % of the peak rate over ``trainer.max_steps``."""

@@ -20,13 +20,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_ldm.media import to_uint8
+from lightning_ldm.media import frame_strip, to_uint8
 
 __all__ = [
     "centres_of_mass",
     "motion_stats",
     "plot_training",
     "read_metrics",
+    "write_frame_strip",
     "write_summary",
 ]
 
@@ -110,16 +111,11 @@ def motion_stats(
     }
 
 
-def _rgb(frames: Tensor) -> np.ndarray:
-    """``(..., C, H, W)`` in ``[-1, 1]`` → ``(..., H, W, 3)`` uint8 for matplotlib."""
-    x = to_uint8(frames)
-    if x.shape[-3] == 1:
-        x = x.expand(*x.shape[:-3], 3, *x.shape[-2:])
-    return x.movedim(-3, -1).numpy()
-
-
 def write_frame_strip(path: Path, rows: Mapping[str, Tensor], *, clips_per_row: int = 3) -> Path:
     """Write a PNG with every frame of a few clips side by side (a still version of the GIF for documents).
+
+    Each label gets one panel: :func:`lightning_ldm.media.frame_strip` of its first clips (one row per clip, frames
+    left to right), labelled on the left, frame indices on top.
 
     Args:
         path: Output file.
@@ -129,24 +125,19 @@ def write_frame_strip(path: Path, rows: Mapping[str, Tensor], *, clips_per_row: 
     Returns:
         ``path``.
     """
-    labels = list(rows)
-    frames = next(iter(rows.values())).shape[1]
+    first = next(iter(rows.values()))
+    frames, width = first.shape[1], first.shape[-1]
     clips_per_row = min([clips_per_row, *(clips.shape[0] for clips in rows.values())])
-    n_rows = len(labels) * clips_per_row
-    fig, axes = plt.subplots(n_rows, frames, figsize=(0.9 * frames + 1.2, 0.9 * n_rows), squeeze=False)
-    for i, label in enumerate(labels):
-        images = _rgb(rows[label][:clips_per_row])
-        for j in range(clips_per_row):
-            for k in range(frames):
-                ax = axes[i * clips_per_row + j, k]
-                ax.imshow(images[j, k], interpolation="nearest")
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if k == 0 and j == clips_per_row // 2:
-                    ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
-                if i == 0 and j == 0:
-                    ax.set_title(f"frame {k}", fontsize=7)
-    fig.subplots_adjust(left=0.16, right=0.99, top=0.95, bottom=0.01, wspace=0.05, hspace=0.05)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(0.9 * frames + 1.2, 0.9 * clips_per_row * len(rows)), squeeze=False)
+    for i, (ax, (label, clips)) in enumerate(zip(axes[:, 0], rows.items(), strict=True)):
+        strip = frame_strip(to_uint8(clips[:clips_per_row]), padding=1, pad_value=96)  # (C, rows, columns) uint8
+        ax.imshow(strip.expand(3, -1, -1).permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+        ax.set_xticks([1 + k * (width + 1) + (width - 1) / 2 for k in range(frames)], [] if i else range(frames))
+        ax.xaxis.set_ticks_position("top")
+        ax.tick_params(length=0, labelsize=7)
+    fig.subplots_adjust(left=0.16, right=0.99, top=0.95, bottom=0.01, hspace=0.05)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
