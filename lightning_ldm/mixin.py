@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ldm import losses
-from lightning_ldm._checks import check_floating, check_real
+from lightning_ldm._checks import check_floating, check_real, check_scheduler, check_shape
 from lightning_ldm.checkpointing import checkpoint as _checkpoint
 from lightning_ldm.ddim import ddim_sample as _ddim_sample
 from lightning_ldm.embedding import timestep_embedding
@@ -40,7 +40,7 @@ from lightning_ldm.guidance import Conditioning, eval_mode, guided_model
 from lightning_ldm.losses import LossType, LossWeighting
 from lightning_ldm.noise_schedule import Parameterization
 from lightning_ldm.schedule_holder import CHECKPOINT_KEY, ScheduleHolder
-from lightning_ldm.scheduler_sampling import check_scheduler, scheduler_sample
+from lightning_ldm.scheduler_sampling import scheduler_sample
 from lightning_ldm.validation import fixed_timestep_losses, log_timestep_losses
 
 # LossType, LossWeighting and Parameterization stay importable from here, where v0.1 defined them.
@@ -292,24 +292,25 @@ class DiffusionMixin(ScheduleHolder):
             clip_x0: Clamp the predicted x0 to ``[-clip_x0, clip_x0]``.
             scheduler: A diffusers-style scheduler (DPM-Solver++, Euler, UniPC, ...) built from
                 ``noise_schedule.to_diffusers_config()``, run instead of our DDIM (see
-                :func:`~lightning_ldm.scheduler_sampling.scheduler_sample`; ``method``, ``clip_x0`` and
-                ``return_intermediates`` do not apply).
+                :func:`~lightning_ldm.scheduler_sampling.scheduler_sample`; ``method`` and ``clip_x0`` do not
+                apply, ``return_intermediates`` is refused); one with another ``ā``, T or parameterization is refused.
 
         Returns:
             Samples (in ``x_T``'s dtype), or ``(samples, intermediates)``.
 
         Raises:
-            ValueError: A bad ``shape`` or ``x_T``, guidance without ``uncond``/``cond``, or an argument rejected by
-                the DDIM core.
-            TypeError: ``cond``/``uncond`` is neither a tensor, a mapping nor ``None``.
+            ValueError: A bad ``shape`` or ``x_T``, guidance without ``uncond``/``cond``, a scheduler that does not
+                match the schedule, or an argument rejected by the DDIM core.
+            TypeError: ``cond``/``uncond`` is neither a tensor, a mapping nor ``None``, or ``shape`` holds a
+                non-integer.
         """
-        shape = tuple(int(s) for s in shape)
-        if len(shape) < 1 or shape[0] < 1:
-            raise ValueError(f"shape must start with a positive batch size, got {shape}")
+        shape = check_shape("shape", shape)
         if x_T is not None and tuple(x_T.shape) != shape:
             raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected shape {shape}")
         if scheduler is not None:
-            check_scheduler(scheduler)
+            check_scheduler(scheduler, self.require_schedule())
+            if return_intermediates:
+                raise ValueError("return_intermediates=True is not supported with a scheduler; use scheduler=None")
         model_fn = guided_model(
             self.apply_model if model is None else model,
             shape[0],

@@ -1,8 +1,9 @@
 r"""Sampling with any diffusers-style scheduler object (DDIM, DPM-Solver++, Euler, UniPC, ...), duck-typed.
 
 A scheduler built from our schedule (``DPMSolverMultistepScheduler.from_config(schedule.to_diffusers_config())``)
-knows the same ``ā`` and the same parameterization as the model. This module needs no diffusers import: it only calls
-the scheduler's ``set_timesteps``, ``timesteps``, ``step`` and, where it has them, ``init_noise_sigma`` and
+knows the same ``ā`` and the same parameterization as the model; one that does not is refused by
+:func:`~lightning_ldm._checks.check_scheduler` (re-exported here). This module needs no diffusers import: it only
+calls the scheduler's ``set_timesteps``, ``timesteps``, ``step`` and, where it has them, ``init_noise_sigma`` and
 ``scale_model_input``.
 """
 
@@ -15,23 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_ldm._checks import check_floating, check_int
+from lightning_ldm._checks import check_floating, check_scheduler, check_scheduler_steps
 
 __all__ = ["check_scheduler", "scheduler_sample"]
-
-
-def check_scheduler(scheduler: Any) -> None:
-    """Raise unless ``scheduler`` has callable ``set_timesteps`` and ``step`` (the diffusers scheduler protocol).
-
-    Raises:
-        TypeError: A method is missing; the message names it.
-    """
-    missing = [name for name in ("set_timesteps", "step") if not callable(getattr(scheduler, name, None))]
-    if missing:
-        raise TypeError(
-            f"scheduler must be a diffusers-style scheduler with set_timesteps() and step(), but "
-            f"{type(scheduler).__name__} has no {' or '.join(missing)}"
-        )
 
 
 def _accepts(method: Callable[..., Any], name: str) -> bool:
@@ -51,6 +38,7 @@ def scheduler_sample(
     num_steps: int = 50,
     eta: float = 0.0,
     generator: torch.Generator | None = None,
+    schedule: Any = None,
 ) -> Tensor:
     """Run ``scheduler``'s loop from ``x_T``: ``x ← scheduler.step(model_fn(x_in, t), t, x).prev_sample``.
 
@@ -68,18 +56,20 @@ def scheduler_sample(
         num_steps: Number of inference steps.
         eta: DDIM's η, passed only to a ``step`` that takes it.
         generator: Generator for the schedulers' noise, passed only to a ``step`` that takes it.
+        schedule: The model's :class:`~lightning_ldm.noise_schedule.NoiseSchedule`: when given, a scheduler with
+            another ``ā``, T or parameterization is refused (see :func:`~lightning_ldm._checks.check_scheduler`).
 
     Returns:
         The sample, in ``x_T``'s dtype.
 
     Raises:
         TypeError: ``scheduler`` lacks ``set_timesteps``/``step``, or ``x_T`` is not a floating tensor.
-        ValueError: ``num_steps < 1``.
+        ValueError: ``num_steps < 1`` or more than the scheduler supports (its timesteps would repeat), or a
+            scheduler that does not match ``schedule``.
     """
-    check_scheduler(scheduler)
+    check_scheduler(scheduler, schedule)
     check_floating("x_T", x_T, min_ndim=1)
-    num_steps = check_int("num_steps", num_steps, minimum=1)
-    scheduler.set_timesteps(num_steps, device=x_T.device)
+    num_steps = check_scheduler_steps(scheduler, num_steps, device=x_T.device)
     extra: dict[str, Any] = {}
     if generator is not None and _accepts(scheduler.step, "generator"):
         extra["generator"] = generator
