@@ -314,7 +314,7 @@ def test_samples_use_the_ema_weights_and_training_weights_come_back(at: str) -> 
 
 def test_warns_when_listed_before_the_averaging_callback() -> None:
     with pytest.warns(UserWarning, match="SampleLogger is listed before a WeightAveraging callback"):
-        fit(GridDenoiser(), [Recording(IMAGE, every_n_steps=3), EMAWeightAveraging()], max_steps=1)
+        fit(GridDenoiser(), [Recording(IMAGE, every_n_steps=3, num_steps=5), EMAWeightAveraging()], max_steps=1)
 
 
 # ------------------------------------------------------------------------------------- denoiser and first stage
