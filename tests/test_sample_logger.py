@@ -126,6 +126,9 @@ def params(model: nn.Module) -> list[Tensor]:
         ({"shape": (4,)}, ValueError, r"shape must have a batch axis and at least one more, got \(4,\)"),
         ({"shape": (4, 0, 2)}, ValueError, r"shape\[1\]=0 is out of range"),
         ({"shape": "4x4"}, TypeError, r"shape must be a sequence of positive integers, got str"),
+        ({"shape": (2.7, 1, 4, 4)}, TypeError, r"shape\[0\] must be an integer, got 2.7 of type float"),  # 13.7
+        ({"shape": (4, 1, 4.9, 4)}, TypeError, r"shape\[2\] must be an integer, got 4.9 of type float"),
+        ({"shape": (4, True, 4, 4)}, TypeError, r"shape\[1\] must be an integer, got True of type bool"),
         ({"num_steps": 0}, ValueError, r"num_steps=0 is out of range"),
         ({"method": "cosine"}, ValueError, r"method='cosine' is not supported; expected one of 'uniform'"),
         ({"eta": -0.1}, ValueError, r"eta=-0.1 is out of range"),
