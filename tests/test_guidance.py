@@ -198,7 +198,8 @@ def test_batch_one_condition_is_broadcast_at_every_scale(scale: float) -> None:
 def test_a_condition_of_another_batch_is_refused_at_every_scale(scale: float) -> None:
     model = Spy()
     with pytest.raises(
-        ValueError, match=r"cond\['cond'\] must have batch size 3 \(or 1, broadcast over the batch\), got shape \(2, 4\)"
+        ValueError,
+        match=r"cond\['cond'\] must have batch size 3 \(or 1, broadcast over the batch\), got shape \(2, 4\)",
     ):
         guided_model(model, B, guidance_scale=scale, cond=torch.ones(2, 4), uncond=torch.ones(B, 4))
     assert model.calls == []
@@ -207,7 +208,7 @@ def test_a_condition_of_another_batch_is_refused_at_every_scale(scale: float) ->
 @pytest.mark.parametrize("scale", [1.0, 3.0])
 @pytest.mark.parametrize("key", ["crossattn", "concat", "hybrid"])
 def test_latent_sample_with_a_batch_one_condition_equals_the_expanded_one(key: str, scale: float) -> None:
-    from tests.test_latent import CTX, LDM, Z  # noqa: PLC0415 - the tiny LDM lives with the latent tests
+    from tests.test_latent import CTX, LDM, Z  # the tiny LDM lives with the latent tests
 
     model = LDM(key).eval()
     g = torch.Generator().manual_seed(2)

@@ -184,7 +184,10 @@ def _diffusers_config(schedule: NoiseSchedule) -> dict[str, Any]:
     try:
         return schedule.to_diffusers_config()
     except ValueError:  # "sqrt": no diffusers name, its betas go as trained_betas
-        return {"num_train_timesteps": schedule.num_timesteps, "trained_betas": schedule.tables_float64["betas"].tolist()}
+        return {
+            "num_train_timesteps": schedule.num_timesteps,
+            "trained_betas": schedule.tables_float64["betas"].tolist(),
+        }
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -196,7 +199,7 @@ def test_matching_schedulers_pass_and_the_tolerance_covers_float32(kind: str) ->
         sched = make(_diffusers_config(schedule))
         check_scheduler(sched, schedule, min(50, schedule.num_timesteps - 1))
         worst = max(worst, float(np.abs(sched.alphas_cumprod.double().numpy() - ours).max()))
-    print(f"{kind}: max |ā_diffusers − ā_ours| over DDIM, DPM-Solver++, Euler, UniPC = {worst:.3g}")
+    print(f"{kind}: max |ā_diffusers - ā_ours| over DDIM, DPM-Solver++, Euler, UniPC = {worst:.3g}")
     assert worst < 6e-7 and worst * 15 < SCHEDULER_ATOL  # float32 rounding, well inside the tolerance
 
 
