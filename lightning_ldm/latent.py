@@ -209,6 +209,11 @@ class LatentDiffusionMixin(DiffusionMixin):
 
         Returns:
             Images (decoded) or latents.
+
+        Raises:
+            TypeError: ``shape`` holds a non-integer, or an argument of :meth:`ddim_sample` has the wrong type.
+            ValueError: ``return_intermediates`` is asked for, or :meth:`ddim_sample` refuses an argument (a
+                scheduler that does not match the schedule, ...).
         """
         if sample_options.pop("return_intermediates", False):
             raise ValueError("sample() returns the final samples only; call ddim_sample(None, ...) for intermediates")

@@ -226,6 +226,8 @@ class SampleLogger(Callback):
         frame_dim: For 5-D samples, the axis of the frames: 2 for ``(B, C, T, H, W)``, 1 for ``(B, T, C, H, W)``.
         max_frames: Log at most this many leading frames of a clip (``None``: all).
         fps: Frames per second of the animations.
+        scheduler: A diffusers-style scheduler run instead of our DDIM (``method`` and ``clip_x0`` then do not
+            apply); compared with the module's schedule and ``num_steps`` at fit start.
 
     Raises:
         TypeError: An argument has the wrong type.
