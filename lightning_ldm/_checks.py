@@ -29,11 +29,22 @@ __all__ = [
     "check_same_shape",
     "check_samples",
     "check_scheduler",
+    "check_scheduler_steps",
     "check_shape",
     "check_tensor",
     "check_timesteps",
     "describe",
 ]
+
+#: Our parameterizations and the ``prediction_type`` diffusers gives each (:mod:`lightning_ldm.interop` uses it too).
+PREDICTION_TYPES: Mapping[str, str] = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
+
+#: Largest ``|ā_scheduler − ā_model|`` accepted by :func:`check_scheduler`. diffusers computes its betas and ``ā`` in
+#: float32: for every schedule it can express (linear, scaled linear, cosine, with and without zero terminal SNR,
+#: ``trained_betas``; T = 20 and 1000) its ``alphas_cumprod`` lies within 6e-7 of our float64 ``ā`` (the 2⁻²⁴ that its
+#: Euler/DPM/UniPC schedulers put in place of a zero ``ā_T`` included). 1e-5 leaves a margin of 17 over that and still
+#: refuses a 1 % change of ``beta_end``.
+SCHEDULER_ATOL = 1e-5
 
 # Up to this many CPU indices, check_timesteps reads them as a Python list instead of reducing them.
 _SMALL_INDEX_NUMEL = 256
@@ -153,6 +164,36 @@ def check_floating(name: str, value: Any, *, min_ndim: int = 0) -> Tensor:
         what = "a batch dimension" if min_ndim == 1 else f"at least {min_ndim} dimensions"
         raise ValueError(f"{name} must have {what}, got shape {tuple(value.shape)}")
     return value
+
+
+def check_shape(name: str, value: Any, *, min_ndim: int = 1, minimum: int | None = 1) -> tuple[int, ...]:
+    """Return ``value`` as a tuple of ints after checking it is a sample shape: a sequence of integers, batch first.
+
+    Args:
+        name: The argument's name for the messages.
+        value: The shape (a tuple, list or ``torch.Size`` of integers; bools and floats are refused, not truncated).
+        min_ndim: The fewest entries accepted (1: a batch axis).
+        minimum: The smallest size accepted per entry (``None``: no bound).
+
+    Returns:
+        The shape as a tuple of Python ints.
+
+    Raises:
+        TypeError: ``value`` is not a sequence, or an entry is not an integer (``2.7``, ``4.0``, ``True``, a tensor).
+        ValueError: Fewer than ``min_ndim`` entries, or an entry below ``minimum`` (a batch of 0).
+    """
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a sequence of positive integers, got {type(value).__name__}")
+    shape = tuple(check_int(f"{name}[{i}]", size) for i, size in enumerate(value))
+    if len(shape) < min_ndim:
+        more = {1: "", 2: " and at least one more"}.get(min_ndim, f" and at least {min_ndim - 1} more")
+        raise ValueError(f"{name} must have a batch axis{more}, got {shape}")
+    if minimum is not None and shape and shape[0] < minimum:
+        raise ValueError(f"{name} must start with a positive batch size, got {shape}")
+    for i, size in enumerate(shape):
+        if minimum is not None and size < minimum:
+            raise ValueError(f"{name}[{i}]={size} is out of range; expected an integer >= {minimum}")
+    return shape
 
 
 def check_samples(name: str, value: Any) -> Tensor:
@@ -292,35 +333,122 @@ def check_betas(
     return np.ascontiguousarray(array)
 
 
-def check_shape(name: str, value: Any) -> tuple[int, ...]:
-    """Return ``value`` as a tuple of ints after checking it is a sample shape: positive integers, batch first.
+def _config_value(scheduler: Any, key: str) -> Any:
+    """``scheduler.config[key]`` (diffusers' ``FrozenDict``, a mapping or an object), ``None`` when absent."""
+    config = getattr(scheduler, "config", None)
+    return config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+
+
+def check_scheduler(scheduler: Any, schedule: Any = None, num_steps: int | None = None) -> None:
+    """Raise unless ``scheduler`` is a diffusers-style scheduler that fits ``schedule`` and ``num_steps``.
+
+    Duck-typed (no diffusers import); each check runs when the scheduler has what it reads:
+
+    * the protocol: callable ``set_timesteps`` and ``step``;
+    * with ``schedule`` (a :class:`~lightning_ldm.noise_schedule.NoiseSchedule`): ``config.num_train_timesteps``
+      and the length of ``alphas_cumprod`` equal T, ``alphas_cumprod`` equals the schedule's float64 ``ā`` within
+      :data:`SCHEDULER_ATOL` (the tables are compared, not the names), and ``config.prediction_type`` is the one of
+      the schedule's parameterization (:data:`PREDICTION_TYPES`);
+    * with ``num_steps``: :func:`check_scheduler_steps` (this calls ``scheduler.set_timesteps(num_steps)``).
+
+    Args:
+        scheduler: The scheduler.
+        schedule: The model's noise schedule (``tables_float64["alphas_cumprod"]`` and ``parameterization``).
+        num_steps: The number of sampling steps that will be asked of it.
 
     Raises:
-        TypeError: ``value`` is not a sequence, or an entry is not an integer (floats and bools are refused, not
-            truncated).
-        ValueError: The shape is empty or an entry is < 1.
+        TypeError: A protocol method is missing (the message names it), or ``num_steps`` is not an integer.
+        ValueError: The scheduler and the schedule disagree (the message shows both sides), or ``num_steps`` is more
+            than the scheduler supports.
     """
-    if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, torch.Size)):
-        raise TypeError(f"{name} must be a sequence of integers such as (4, 3, 32, 32), got {describe(value)}")
-    entries = tuple(value)
-    for i, entry in enumerate(entries):
-        if isinstance(entry, (bool, np.bool_)) or not isinstance(entry, numbers.Integral):
-            raise TypeError(f"{name}[{i}] must be an integer, got {describe(entry)} of type {type(entry).__name__}")
-    shape = tuple(int(e) for e in entries)
-    if not shape or min(shape) < 1:
-        raise ValueError(f"{name} must be a non-empty shape of positive sizes, batch first, got {shape}")
-    return shape
-
-
-def check_scheduler(scheduler: Any) -> None:
-    """Raise unless ``scheduler`` has callable ``set_timesteps`` and ``step`` (the diffusers scheduler protocol).
-
-    Raises:
-        TypeError: A method is missing; the message names it.
-    """
+    kind = type(scheduler).__name__
     missing = [name for name in ("set_timesteps", "step") if not callable(getattr(scheduler, name, None))]
     if missing:
         raise TypeError(
             f"scheduler must be a diffusers-style scheduler with set_timesteps() and step(), but "
-            f"{type(scheduler).__name__} has no {' or '.join(missing)}"
+            f"{kind} has no {' or '.join(missing)}"
         )
+    if schedule is not None:
+        _check_scheduler_schedule(scheduler, schedule)
+    if num_steps is not None:
+        check_scheduler_steps(scheduler, num_steps)
+
+
+def _check_scheduler_schedule(scheduler: Any, schedule: Any) -> None:
+    kind = type(scheduler).__name__
+    hint = f"; build it with {kind}.from_config(module.noise_schedule.to_diffusers_config())"
+    ours = np.asarray(schedule.tables_float64["alphas_cumprod"], dtype=np.float64)
+    steps = ours.shape[0]
+    theirs_steps = _config_value(scheduler, "num_train_timesteps")
+    if theirs_steps is not None and theirs_steps != steps:
+        raise ValueError(
+            f"scheduler {kind} has num_train_timesteps={theirs_steps!r} but the model's schedule has {steps}{hint}"
+        )
+    table = getattr(scheduler, "alphas_cumprod", None)
+    if table is not None:
+        theirs = torch.as_tensor(table).detach().to("cpu", torch.float64).reshape(-1).numpy()
+        if theirs.shape != ours.shape:
+            raise ValueError(
+                f"scheduler {kind} has {theirs.shape[0]} alphas_cumprod but the model's schedule has {steps}{hint}"
+            )
+        diff = np.abs(theirs - ours)
+        bad = ~(diff <= SCHEDULER_ATOL)  # NaN is bad too
+        if bad.any():
+            t = int(np.argmax(np.where(bad, np.nan_to_num(diff, nan=np.inf), -1.0)))
+            raise ValueError(
+                f"scheduler {kind}'s alphas_cumprod differs from the model's schedule: at t={t} the scheduler has "
+                f"{theirs[t]:.6g} and the model {ours[t]:.6g} (|difference| {diff[t]:.3g} > {SCHEDULER_ATOL:g}, the "
+                f"float32 tolerance){hint}"
+            )
+    parameterization = schedule.parameterization
+    expected = PREDICTION_TYPES.get(parameterization, parameterization)
+    prediction = _config_value(scheduler, "prediction_type")
+    if prediction is not None and prediction != expected:
+        raise ValueError(
+            f"scheduler {kind} has prediction_type={prediction!r} but the model predicts {parameterization!r} "
+            f"(prediction_type={expected!r}){hint}"
+        )
+
+
+def check_scheduler_steps(scheduler: Any, num_steps: Any, *, device: torch.device | str | None = None) -> int:
+    """Set ``scheduler``'s timesteps for ``num_steps`` steps and check it supports that many; return ``num_steps``.
+
+    A scheduler supports ``num_steps`` when its ``set_timesteps`` accepts it and the timesteps it sets do not repeat:
+    DPM-Solver++ and UniPC space ``num_steps + 1`` points over ``[0, T − 1]`` and round them, so from
+    ``num_steps = T`` on two steps share a timestep, their step size is 0 and their samples come out NaN. (Euler's
+    timesteps are real numbers and never repeat.)
+
+    Args:
+        scheduler: A diffusers-style scheduler (it is mutated: ``set_timesteps``).
+        num_steps: Number of sampling steps.
+        device: Passed on to ``set_timesteps`` when given.
+
+    Returns:
+        ``num_steps`` as an int.
+
+    Raises:
+        TypeError: ``num_steps`` is not an integer.
+        ValueError: ``num_steps < 1``, ``set_timesteps`` refused it, or its timesteps repeat.
+    """
+    num_steps = check_int("num_steps", num_steps, minimum=1)
+    kind = type(scheduler).__name__
+    steps = _config_value(scheduler, "num_train_timesteps")
+    on = f" on its {steps} training timesteps" if steps is not None else ""
+    try:
+        if device is None:
+            scheduler.set_timesteps(num_steps)
+        else:
+            scheduler.set_timesteps(num_steps, device=device)
+    except ValueError as err:
+        raise ValueError(f"num_steps={num_steps} is more than {kind} supports{on}: {err}") from err
+    timesteps = getattr(scheduler, "timesteps", None)
+    values = [] if timesteps is None else torch.as_tensor(timesteps).reshape(-1).tolist()
+    seen: set[Any] = set()
+    for value in values:
+        if value in seen:
+            raise ValueError(
+                f"num_steps={num_steps} is more than {kind} supports{on}: its timesteps repeat ({value:g} twice), "
+                "so a step has size 0 and the samples come out NaN; use fewer steps"
+            )
+        seen.add(value)
+    return num_steps

@@ -43,6 +43,18 @@ def _expand_batch(value: Tensor, batch_size: int, name: str) -> Tensor:
     return value.expand(batch_size, *value.shape[1:]) if value.shape[0] != batch_size else value
 
 
+def _broadcast(value: Any, batch_size: int, where: str) -> Any:
+    """``value`` with every tensor in it (through lists and dicts) expanded from batch 1 to ``batch_size``."""
+    if isinstance(value, Tensor):
+        return _expand_batch(value, batch_size, where)
+    if isinstance(value, (list, tuple)):
+        items = [_broadcast(v, batch_size, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    if isinstance(value, Mapping):
+        return {k: _broadcast(v, batch_size, f"{where}[{k!r}]") for k, v in value.items()}
+    return value
+
+
 def _cat_pair(u: Any, c: Any, batch_size: int, where: str) -> Any:
     """``torch.cat([u, c])`` leaf by leaf through matching lists and dicts (CompVis' ``c_crossattn`` lists)."""
     if isinstance(c, Tensor) and isinstance(u, Tensor):
@@ -70,9 +82,10 @@ def guided_model(
 
     A tensor ``cond`` is passed as the keyword ``cond=``, a mapping is merged into the keyword arguments (e.g.
     ``{"context": emb}``). With ``guidance_scale`` s ≠ 1 the unconditional and conditional branches run as one batch
-    of 2B (``uncond`` first; ``cond``/``uncond`` tensors of batch 1 are broadcast, and tensors in ``model_kwargs``
-    with batch B are repeated) and the output is ``out_u + s·(out_c − out_u)`` in float32. With s = 1 only the
-    conditional branch runs.
+    of 2B (``uncond`` first; tensors in ``model_kwargs`` with batch B are repeated) and the output is
+    ``out_u + s·(out_c − out_u)`` in float32. With s = 1 only the conditional branch runs. At every scale the
+    tensors in ``cond``/``uncond`` (through lists and dicts) must have batch B or 1; batch 1 is broadcast over the
+    B samples (one prompt for every sample), so s = 1 and s ≠ 1 accept the same conditions.
 
     Args:
         model: The network, called as ``model(x, t, **model_kwargs, **cond_kwargs)``.
@@ -95,8 +108,8 @@ def guided_model(
     cond_kw = _as_kwargs(cond, "cond")
     uncond_kw = _as_kwargs(uncond, "uncond")
     base_kw = dict(model_kwargs or {})
-    single_kw = {**base_kw, **cond_kw}
     if scale == 1.0:
+        single_kw = {**base_kw, **{k: _broadcast(v, batch_size, f"cond[{k!r}]") for k, v in cond_kw.items()}}
         return lambda x, t: model(x, t, **single_kw)
     if uncond is None or cond is None:
         raise ValueError(

@@ -24,8 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_ldm._checks import check_bool, check_choice, check_int, check_real
-from lightning_ldm.parameterization import DIFFUSERS_PREDICTION_TYPES
+from lightning_ldm._checks import PREDICTION_TYPES, check_bool, check_choice, check_int, check_real
 from lightning_ldm.schedule_config import ScheduleConfig
 from lightning_ldm.schedules import make_beta_schedule
 
@@ -37,7 +36,7 @@ _FROM_DIFFUSERS_SCHEDULE = {
     "linear": "sqrt_linear",
     "squaredcos_cap_v2": "squaredcos_cap_v2",
 }
-_TO_PREDICTION = DIFFUSERS_PREDICTION_TYPES
+_TO_PREDICTION = dict(PREDICTION_TYPES)
 _FROM_PREDICTION = {v: k for k, v in _TO_PREDICTION.items()}
 #: The cosine offset of diffusers' "squaredcos_cap_v2".
 DIFFUSERS_COSINE_S = 0.008

@@ -226,6 +226,12 @@ class LatentDiffusionMixin(DiffusionMixin):
         Returns:
             Images (decoded) or latents; with ``return_intermediates=True``, ``(samples, intermediates)`` whose
             intermediates stay latents.
+
+        Raises:
+            TypeError: ``shape`` holds a non-integer, or an argument of :meth:`DiffusionMixin.sample` has the wrong
+                type.
+            ValueError: :meth:`DiffusionMixin.sample` refuses an argument (a scheduler that does not match the
+                schedule, ...).
         """
         out = super().sample(shape, **sample_options)
         if not decode or self.first_stage is None:

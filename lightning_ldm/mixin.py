@@ -52,7 +52,7 @@ from lightning_ldm.losses import LossType, _diffusion_loss, check_loss_options
 from lightning_ldm.noise_schedule import NoiseSchedule
 from lightning_ldm.parameterization import LossWeighting, Parameterization
 from lightning_ldm.schedule_config import ScheduleConfig, fingerprint_difference
-from lightning_ldm.scheduler_sampling import scheduler_sample
+from lightning_ldm.scheduler_sampling import scheduler_loop
 from lightning_ldm.validation import fixed_timestep_losses, log_timestep_losses
 
 if TYPE_CHECKING:
@@ -394,7 +394,8 @@ class DiffusionMixin(_Base):
         Raises:
             TypeError: A bad ``shape`` entry, or a ``sampler`` that is neither ``"ddim"`` nor a scheduler.
             ValueError: A bad ``shape`` or ``x_T``, guidance without ``uncond``/``cond``, a DDIM-only option with a
-                scheduler, or an argument rejected by the sampler.
+                scheduler, a scheduler whose ``ā``, T or ``prediction_type`` differs from the schedule's, more steps
+                than the sampler supports, or an argument rejected by the sampler.
         """
         shape = check_shape("shape", shape)
         if x_T is not None and tuple(x_T.shape) != shape:
@@ -402,7 +403,7 @@ class DiffusionMixin(_Base):
         schedule = self._require_schedule()
         ddim = isinstance(sampler, str) and sampler == "ddim"
         if not ddim:
-            check_scheduler(sampler)
+            check_scheduler(sampler, schedule)
             if return_intermediates or clip_x0 is not None:
                 raise ValueError(
                     "return_intermediates and clip_x0 are options of sampler='ddim'; a scheduler "
@@ -424,7 +425,7 @@ class DiffusionMixin(_Base):
             else:
                 x_T = x_T.to(device)
             if not ddim:
-                return scheduler_sample(model_fn, x_T, sampler, num_steps=num_steps, eta=eta, generator=generator)
+                return scheduler_loop(model_fn, x_T, sampler, num_steps, eta, generator)
             run: Any = ddim_sample  # one call for both overloads
             return run(
                 model_fn,

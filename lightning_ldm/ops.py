@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_ldm._checks import check_timesteps
+from lightning_ldm._checks import check_shape, check_timesteps
 
 __all__ = [
     "avg_pool_nd",
@@ -134,9 +134,9 @@ def noise_like(
 
     Raises:
         ValueError: ``shape`` has a negative size, or is empty with ``repeat`` (it needs a batch dimension).
-        TypeError: ``dtype`` is not a floating dtype.
+        TypeError: ``dtype`` is not a floating dtype, or ``shape`` holds a non-integer (``2.7``, ``True``).
     """
-    shape = tuple(int(s) for s in shape)
+    shape = check_shape("shape", shape, min_ndim=0, minimum=None)
     if any(s < 0 for s in shape):
         raise ValueError(f"shape={shape} has a negative size; expected sizes >= 0")
     if dtype is not None and not dtype.is_floating_point:

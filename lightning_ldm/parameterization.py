@@ -13,7 +13,8 @@ name       the network predicts    x0 from the output ``o``      ε from the out
 =========  ======================  ============================  ============================
 
 diffusers calls them ``prediction_type`` ``"epsilon"``, ``"sample"`` and ``"v_prediction"``
-(:data:`DIFFUSERS_PREDICTION_TYPES`). Nothing here validates its arguments: the public entry points that call these
+(``lightning_ldm._checks.PREDICTION_TYPES``, which the scheduler check and the interop share). Nothing here
+validates its arguments: the public entry points that call these
 functions (:class:`~lightning_ldm.noise_schedule.NoiseSchedule`, :func:`~lightning_ldm.losses.diffusion_loss`, the
 samplers) check them once.
 """
@@ -29,7 +30,6 @@ from torch import Tensor
 from lightning_ldm.noising import combine
 
 __all__ = [
-    "DIFFUSERS_PREDICTION_TYPES",
     "LOSS_WEIGHTINGS",
     "PARAMETERIZATIONS",
     "LossWeighting",
@@ -41,8 +41,6 @@ __all__ = [
 
 Parameterization = Literal["eps", "x0", "v"]
 PARAMETERIZATIONS: tuple[str, ...] = ("eps", "x0", "v")
-#: Our parameterization names → diffusers' ``prediction_type``.
-DIFFUSERS_PREDICTION_TYPES: dict[str, str] = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 LossWeighting = Literal["none", "min_snr", "vlb"]
 LOSS_WEIGHTINGS: tuple[str, ...] = ("none", "min_snr", "vlb")
 

@@ -1,8 +1,9 @@
 r"""Sampling with any diffusers-style scheduler object (DDIM, DPM-Solver++, Euler, UniPC, ...), duck-typed.
 
 A scheduler built from our schedule (``DPMSolverMultistepScheduler.from_config(schedule.to_diffusers_config())``)
-knows the same ``ā`` and the same parameterization as the model. This module needs no diffusers import: it only calls
-the scheduler's ``set_timesteps``, ``timesteps``, ``step`` and, where it has them, ``init_noise_sigma`` and
+knows the same ``ā`` and the same parameterization as the model; one that does not is refused by
+:func:`~lightning_ldm._checks.check_scheduler` (re-exported here). This module needs no diffusers import: it only
+calls the scheduler's ``set_timesteps``, ``timesteps``, ``step`` and, where it has them, ``init_noise_sigma`` and
 ``scale_model_input``.
 """
 
@@ -15,9 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_ldm._checks import check_floating, check_int, check_scheduler
+from lightning_ldm._checks import check_floating, check_scheduler, check_scheduler_steps
 
-__all__ = ["scheduler_sample"]
+__all__ = ["scheduler_loop", "scheduler_sample"]
 
 
 def _accepts(method: Callable[..., Any], name: str) -> bool:
@@ -37,6 +38,7 @@ def scheduler_sample(
     num_steps: int = 50,
     eta: float = 0.0,
     generator: torch.Generator | None = None,
+    schedule: Any = None,
 ) -> Tensor:
     """Run ``scheduler``'s loop from ``x_T``: ``x ← scheduler.step(model_fn(x_in, t), t, x).prev_sample``.
 
@@ -54,18 +56,36 @@ def scheduler_sample(
         num_steps: Number of inference steps.
         eta: DDIM's η, passed only to a ``step`` that takes it.
         generator: Generator for the schedulers' noise, passed only to a ``step`` that takes it.
+        schedule: The model's :class:`~lightning_ldm.noise_schedule.NoiseSchedule`: when given, a scheduler with
+            another ``ā``, T or parameterization is refused (see :func:`~lightning_ldm._checks.check_scheduler`).
 
     Returns:
         The sample, in ``x_T``'s dtype.
 
     Raises:
         TypeError: ``scheduler`` lacks ``set_timesteps``/``step``, or ``x_T`` is not a floating tensor.
-        ValueError: ``num_steps < 1``.
+        ValueError: ``num_steps < 1`` or more than the scheduler supports (its timesteps would repeat), or a
+            scheduler that does not match ``schedule``.
     """
-    check_scheduler(scheduler)
+    check_scheduler(scheduler, schedule)
     check_floating("x_T", x_T, min_ndim=1)
-    num_steps = check_int("num_steps", num_steps, minimum=1)
-    scheduler.set_timesteps(num_steps, device=x_T.device)
+    return scheduler_loop(model_fn, x_T, scheduler, num_steps, eta, generator)
+
+
+def scheduler_loop(
+    model_fn: Callable[[Tensor, Tensor], Tensor],
+    x_T: Tensor,  # noqa: N803 (the samplers' name)
+    scheduler: Any,
+    num_steps: int,
+    eta: float,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """:func:`scheduler_sample`'s loop for callers that checked the scheduler and ``x_T`` (the package's mixin).
+
+    ``num_steps`` is still checked here, against what the scheduler supports (:func:`check_scheduler_steps`): that
+    check is ``set_timesteps`` itself.
+    """
+    num_steps = check_scheduler_steps(scheduler, num_steps, device=x_T.device)
     extra: dict[str, Any] = {}
     if generator is not None and _accepts(scheduler.step, "generator"):
         extra["generator"] = generator

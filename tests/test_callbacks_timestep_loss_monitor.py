@@ -271,3 +271,32 @@ def test_state_dict_round_trip_and_other_num_buckets_on_resume() -> None:
     fresh.load_state_dict(state)
     with pytest.warns(UserWarning, match="bucket window has another num_buckets; not restored"):
         make_trainer(max_steps=1, callbacks=[fresh]).fit(TinyDenoiser(timesteps=T), make_loader())
+
+
+# ================================================== reuse for a second fit (issue 13, point 8), resume kept
+def test_a_reused_monitor_starts_each_fit_with_an_empty_window() -> None:
+    monitor = TimestepLossMonitor(num_buckets=4, log_every_n_steps=2)
+    first = TinyDenoiser(timesteps=T)
+    make_trainer(max_steps=3, callbacks=[monitor, ScheduleCallback(seed=0)]).fit(first, make_loader())
+    assert monitor.state_dict()["last_log_step"] == 2  # step 3's losses are left in the open window
+    logger = RecordingLogger()
+    second = TinyDenoiser(timesteps=T)
+    make_trainer(max_steps=2, logger=logger, callbacks=[monitor, ScheduleCallback(seed=1)]).fit(second, make_loader())
+    windows = [(step, m) for m, step in logger.records if any(k.startswith("loss_bucket/") for k in m)]
+    assert [step for step, _ in windows] == [2]  # dropped before: step 2 was "logged already" in the first fit
+    _assert_same(windows[0][1], _bucket_means(second.recorded, T, 4))  # without the first fit's step 3
+
+
+def test_a_reused_monitor_resuming_from_a_checkpoint_keeps_the_restored_window(tmp_path: Path) -> None:
+    monitor = TimestepLossMonitor(num_buckets=4, log_every_n_steps=2)
+    first = TinyDenoiser(timesteps=T)
+    trainer = make_trainer(max_steps=3, callbacks=[monitor, ScheduleCallback(seed=0)])
+    trainer.fit(first, make_loader())
+    trainer.save_checkpoint(tmp_path / "step3.ckpt")
+    logger = RecordingLogger()
+    resumed = TinyDenoiser(timesteps=T)
+    trainer = make_trainer(max_steps=4, logger=logger, callbacks=[monitor, ScheduleCallback(seed=0)])
+    trainer.fit(resumed, make_loader(), ckpt_path=tmp_path / "step3.ckpt")
+    windows = [(step, m) for m, step in logger.records if any(k.startswith("loss_bucket/") for k in m)]
+    assert [step for step, _ in windows] == [4]
+    _assert_same(windows[0][1], _bucket_means([first.recorded[2], resumed.recorded[0]], T, 4))  # steps 3 and 4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,9 @@ from lightning_ldm._checks import (
     check_int,
     check_real,
     check_same_shape,
+    check_scheduler,
+    check_scheduler_steps,
+    check_shape,
     check_tensor,
     check_timesteps,
     describe,
@@ -263,3 +267,122 @@ def test_check_betas_converts_every_input_to_a_fresh_float64_array() -> None:
 def test_check_betas_refuses(betas: Any, kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         check_betas(betas, **kwargs)
+
+
+# ------------------------------------------------------------------- check_shape (issue 13, point 7: no truncation)
+def test_check_shape_returns_python_ints() -> None:
+    assert check_shape("shape", (2, 4, 4)) == (2, 4, 4)
+    assert check_shape("shape", [np.int64(3), 1]) == (3, 1)
+    size = check_shape("shape", torch.Size([5, 2]))
+    assert size == (5, 2) and type(size) is tuple and all(type(s) is int for s in size)
+    assert check_shape("shape", (), min_ndim=0, minimum=None) == ()
+    assert check_shape("shape", (2, 0), minimum=None) == (2, 0)
+
+
+@pytest.mark.parametrize(
+    ("value", "kwargs", "error", "match"),
+    [
+        ((2.7, 2, 4, 4), {}, TypeError, r"shape\[0\] must be an integer, got 2.7 of type float"),
+        ((2, 4.9), {}, TypeError, r"shape\[1\] must be an integer, got 4.9 of type float"),
+        ((2, 4.0), {}, TypeError, r"shape\[1\] must be an integer, got 4.0 of type float"),
+        ((2, True), {}, TypeError, r"shape\[1\] must be an integer, got True of type bool"),
+        ((2, torch.tensor(3)), {}, TypeError, r"shape\[1\] must be an integer, got a tensor of shape \(\)"),
+        ("4x4", {}, TypeError, r"shape must be a sequence of positive integers, got str"),
+        (4, {}, TypeError, r"shape must be a sequence of positive integers, got int"),
+        (torch.zeros(2), {}, TypeError, r"shape must be a sequence of positive integers, got Tensor"),
+        ((), {}, ValueError, r"shape must have a batch axis, got \(\)"),
+        ((4,), {"min_ndim": 2}, ValueError, r"shape must have a batch axis and at least one more, got \(4,\)"),
+        ((4, 1), {"min_ndim": 4}, ValueError, r"shape must have a batch axis and at least 3 more, got \(4, 1\)"),
+        ((0, 2), {}, ValueError, r"shape must start with a positive batch size, got \(0, 2\)"),
+        ((2, 0, 3), {}, ValueError, r"shape\[1\]=0 is out of range; expected an integer >= 1"),
+    ],
+)
+def test_check_shape_refuses(value: Any, kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        check_shape("shape", value, **kwargs)
+
+
+# --------------------------------------------------- check_scheduler with duck-typed schedulers (issue 13, point 5)
+class _Sched:
+    """A scheduler with a diffusers-like ``config``, ``alphas_cumprod`` and ``timesteps``."""
+
+    def __init__(self, alphas_cumprod: Any = None, repeat_from: int | None = None, **config: Any) -> None:
+        self.config = config
+        if alphas_cumprod is not None:
+            self.alphas_cumprod = alphas_cumprod
+        self.repeat_from = repeat_from
+        self.timesteps = torch.zeros(0)
+
+    def set_timesteps(self, num_inference_steps: int, device: Any = None) -> None:
+        if num_inference_steps > 50:
+            raise ValueError(f"`num_inference_steps`: {num_inference_steps} cannot be larger than 50")
+        steps = torch.arange(num_inference_steps, 0, -1)
+        if self.repeat_from is not None and num_inference_steps >= self.repeat_from:
+            steps[1] = steps[0]
+        self.timesteps = steps
+
+    def step(self, *args: Any) -> None:
+        pass
+
+
+def _schedule(parameterization: str = "eps", size: int = 10) -> SimpleNamespace:
+    abar = np.cumprod(1.0 - np.linspace(1e-4, 0.2, size))
+    return SimpleNamespace(tables_float64={"alphas_cumprod": abar}, parameterization=parameterization)
+
+
+def test_check_scheduler_accepts_a_float32_copy_of_the_table() -> None:
+    schedule = _schedule("v")
+    table = torch.from_numpy(schedule.tables_float64["alphas_cumprod"]).float()
+    check_scheduler(_Sched(table, num_train_timesteps=10, prediction_type="v_prediction"), schedule, 5)
+    check_scheduler(_Sched(table + 9e-6), schedule)  # just inside the tolerance; no config: nothing else to compare
+    check_scheduler(_Sched(), schedule, 50)  # no table, no config: only the protocol and the steps are checked
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "match"),
+    [
+        (
+            _Sched(prediction_type="epsilon"),
+            r"scheduler _Sched has prediction_type='epsilon' but the model predicts 'v' \(prediction_type="
+            r"'v_prediction'\); build it with _Sched.from_config\(module.noise_schedule.to_diffusers_config\(\)\)",
+        ),
+        (
+            _Sched(prediction_type="flow_prediction"),
+            r"prediction_type='flow_prediction' but the model predicts 'v'",
+        ),
+        (_Sched(num_train_timesteps=1000), r"_Sched has num_train_timesteps=1000 but the model's schedule has 10"),
+        (_Sched(np.ones(12)), r"scheduler _Sched has 12 alphas_cumprod but the model's schedule has 10"),
+        (
+            _Sched(np.cumprod(1.0 - np.linspace(1e-4, 0.2, 10)) * np.r_[np.ones(9), 0.5]),
+            r"_Sched's alphas_cumprod differs from the model's schedule: at t=9 the scheduler has 0\.1699 and the "
+            r"model 0\.339799 \(\|difference\| 0\.17 > 1e-05, the float32 tolerance\)",
+        ),
+        (
+            _Sched(np.cumprod(1.0 - np.linspace(1e-4, 0.2, 10)) + np.r_[0.0, 2e-5, np.zeros(8)]),
+            r"at t=1 .* \(\|difference\| 2e-05 > 1e-05",
+        ),
+        (_Sched(np.full(10, np.nan)), r"at t=0 the scheduler has nan and the model 0.9999"),
+    ],
+)
+def test_check_scheduler_refuses_another_schedule(scheduler: Any, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        check_scheduler(scheduler, _schedule("v"))
+
+
+def test_check_scheduler_steps_refuses_repeated_timesteps_and_wraps_set_timesteps_errors() -> None:
+    sched = _Sched(repeat_from=10, num_train_timesteps=10)
+    assert check_scheduler_steps(sched, 9) == 9 and sched.timesteps.tolist() == list(range(9, 0, -1))
+    with pytest.raises(
+        ValueError,
+        match=r"num_steps=10 is more than _Sched supports on its 10 training timesteps: its timesteps repeat "
+        r"\(10 twice\), so a step has size 0 and the samples come out NaN; use fewer steps",
+    ):
+        check_scheduler(sched, _schedule(), 10)
+    with pytest.raises(
+        ValueError, match=r"num_steps=51 is more than _Sched supports: `num_inference_steps`: 51 cannot be larger"
+    ):
+        check_scheduler_steps(_Sched(), 51)
+    with pytest.raises(TypeError, match=r"num_steps must be an integer, got 2.5"):
+        check_scheduler(_Sched(), None, 2.5)
+    with pytest.raises(ValueError, match=r"num_steps=0 is out of range; expected an integer >= 1"):
+        check_scheduler_steps(_Sched(), 0)

@@ -165,3 +165,61 @@ def test_eval_mode_accepts_plain_callables() -> None:
 
     with eval_mode(fn):
         assert torch.equal(fn(torch.ones(1)), torch.ones(1))
+
+
+# ------------------------------------------------- batch-1 conditions: one rule at every scale (issue 13, point 6)
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_batch_one_condition_is_broadcast_at_every_scale(scale: float) -> None:
+    x, t = inputs()
+    g = torch.Generator().manual_seed(1)
+    context, null = torch.randn(1, 2, 5, generator=g), torch.zeros(1, 2, 5)
+    label = [torch.randn(1, 3, generator=g)]  # through lists too (CompVis' c_crossattn)
+    broadcast, expanded = Spy(), Spy()
+    out = guided_model(
+        broadcast, B, guidance_scale=scale, cond={"context": context, "y": label}, uncond={"context": null, "y": label}
+    )(x, t)
+    reference = guided_model(
+        expanded,
+        B,
+        guidance_scale=scale,
+        cond={"context": context.expand(B, 2, 5), "y": [label[0].expand(B, 3)]},
+        uncond={"context": null.expand(B, 2, 5), "y": [label[0].expand(B, 3)]},
+    )(x, t)
+    assert torch.equal(out, reference)
+    seen = broadcast.calls[0][2]
+    batch = B if scale == 1.0 else 2 * B
+    assert seen["context"].shape == (batch, 2, 5) and seen["y"][0].shape == (batch, 3)
+    # Spy: x·(1 + t) + Σ context per sample; the null context sums to 0, so the guided output is x·(1 + t) + s·Σ
+    golden = x * (1 + t.float())[:, None] + scale * context.reshape(1, -1).sum(dim=1, keepdim=True)
+    torch.testing.assert_close(out, golden, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_a_condition_of_another_batch_is_refused_at_every_scale(scale: float) -> None:
+    model = Spy()
+    with pytest.raises(
+        ValueError,
+        match=r"cond\['cond'\] must have batch size 3 \(or 1, broadcast over the batch\), got shape \(2, 4\)",
+    ):
+        guided_model(model, B, guidance_scale=scale, cond=torch.ones(2, 4), uncond=torch.ones(B, 4))
+    assert model.calls == []
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+@pytest.mark.parametrize("key", ["crossattn", "concat", "hybrid"])
+def test_latent_sample_with_a_batch_one_condition_equals_the_expanded_one(key: str, scale: float) -> None:
+    from tests.test_latent import CTX, LDM, Z  # the tiny LDM lives with the latent tests
+
+    model = LDM(key).eval()
+    g = torch.Generator().manual_seed(2)
+    x_T = torch.randn(B, Z, 4, 4, generator=g)
+    parts = {"c_concat": torch.randn(1, Z, 4, 4, generator=g), "c_crossattn": torch.randn(1, 2, CTX, generator=g)}
+    used = {"crossattn": ["c_crossattn"], "concat": ["c_concat"], "hybrid": ["c_concat", "c_crossattn"]}[key]
+
+    def cond(null: bool, batch: int) -> dict[str, list[Tensor]]:
+        return {k: [(parts[k] * (0.0 if null else 1.0)).expand(batch, *parts[k].shape[1:])] for k in used}
+
+    options: dict[str, Any] = {"x_T": x_T, "num_steps": 3, "decode": False, "guidance_scale": scale}
+    one = model.sample(x_T.shape, cond=cond(False, 1), uncond=cond(True, 1), **options)
+    expanded = model.sample(x_T.shape, cond=cond(False, B), uncond=cond(True, B), **options)
+    assert torch.equal(one, expanded)

@@ -701,3 +701,12 @@ def test_compvis_ddim_sampler_runs_against_the_mixin(
     )
     assert torch.isfinite(ours).all() and float(theirs.abs().max()) > 0.1
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("shape", "match"),
+    [((2.7, Z, 4, 4), r"shape\[0\] must be an integer, got 2.7"), ((2, Z, 4, True), r"shape\[3\] must be an integer")],
+)
+def test_sample_refuses_a_shape_of_non_integers(shape: Any, match: str) -> None:  # issue 13, point 7
+    with pytest.raises(TypeError, match=match):
+        LDM(None).sample(shape, num_steps=2)

@@ -1168,3 +1168,21 @@ def test_vlb_weights_formula_is_a_deprecated_alias() -> None:
     with pytest.warns(DeprecationWarning, match=r"vlb_weights_formula is deprecated; use .*noise_schedule.vlb_weights"):
         got = DiffusionMixin.vlb_weights_formula(tables, "eps")
     np.testing.assert_array_equal(got, vlb_weights(tables, "eps"))
+
+
+# --------------------------------------------------- shapes are integers, never truncated (issue 13, point 7)
+@pytest.mark.parametrize(
+    ("shape", "match"),
+    [
+        ((2.7, 2, 4, 4), r"shape\[0\] must be an integer, got 2.7 of type float"),
+        ((2, 2, 4.9, 4), r"shape\[2\] must be an integer, got 4.9 of type float"),
+        ((2, True, 4, 4), r"shape\[1\] must be an integer, got True of type bool"),
+        ("2244", r"shape must be a sequence of positive integers, got str"),
+    ],
+)
+def test_ddim_sample_refuses_a_shape_of_non_integers(shape: Any, match: str) -> None:
+    model = Toy(timesteps=10)
+    with pytest.raises(TypeError, match=match):
+        model.ddim_sample(model, shape, num_steps=2)
+    out = model.ddim_sample(model, torch.Size([2, 2, 4, 4]), num_steps=2)  # a torch.Size is a sequence of ints
+    assert isinstance(out, Tensor) and out.shape == (2, 2, 4, 4)

@@ -203,3 +203,7 @@ def test_noise_like_errors():
         noise_like((2, 3), "cpu", dtype=torch.int64)
     with pytest.raises(ValueError, match=r"shape=\(2, -1\) has a negative size"):
         noise_like((2, -1), "cpu")
+    with pytest.raises(TypeError, match=r"shape\[1\] must be an integer, got 2.7 of type float"):  # issue 13, point 7
+        noise_like((2, 2.7), "cpu")
+    with pytest.raises(TypeError, match=r"shape\[0\] must be an integer, got True of type bool"):
+        noise_like((True, 3), "cpu")

@@ -126,6 +126,9 @@ def params(model: nn.Module) -> list[Tensor]:
         ({"shape": (4,)}, ValueError, r"shape must have a batch axis and at least one more, got \(4,\)"),
         ({"shape": (4, 0, 2)}, ValueError, r"shape\[1\]=0 is out of range"),
         ({"shape": "4x4"}, TypeError, r"shape must be a sequence of positive integers, got str"),
+        ({"shape": (2.7, 1, 4, 4)}, TypeError, r"shape\[0\] must be an integer, got 2.7 of type float"),  # 13.7
+        ({"shape": (4, 1, 4.9, 4)}, TypeError, r"shape\[2\] must be an integer, got 4.9 of type float"),
+        ({"shape": (4, True, 4, 4)}, TypeError, r"shape\[1\] must be an integer, got True of type bool"),
         ({"num_steps": 0}, ValueError, r"num_steps=0 is out of range"),
         ({"method": "cosine"}, ValueError, r"method='cosine' is not supported; expected one of 'uniform'"),
         ({"eta": -0.1}, ValueError, r"eta=-0.1 is out of range"),
@@ -314,7 +317,7 @@ def test_samples_use_the_ema_weights_and_training_weights_come_back(at: str) -> 
 
 def test_warns_when_listed_before_the_averaging_callback() -> None:
     with pytest.warns(UserWarning, match="SampleLogger is listed before a WeightAveraging callback"):
-        fit(GridDenoiser(), [Recording(IMAGE, every_n_steps=3), EMAWeightAveraging()], max_steps=1)
+        fit(GridDenoiser(), [Recording(IMAGE, every_n_steps=3, num_steps=5), EMAWeightAveraging()], max_steps=1)
 
 
 # ------------------------------------------------------------------------------------- denoiser and first stage
@@ -503,3 +506,168 @@ def test_wandb_offline_run_lists_the_media(tmp_path: Path, monkeypatch: pytest.M
     gifs = list((media / "videos").glob("clips_*.gif"))
     assert len(gifs) == 1 and Image.open(gifs[0]).n_frames == 3
     assert image_logger.written == [["WandbLogger"]] * 2
+
+
+# ================================================================ issue 13, point 8: SampleLogger reliability
+class Count(Callback):
+    """Counts the training batches that ran."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.steps.append(trainer.global_step)
+
+
+class CondGrid(GridDenoiser):
+    """``forward(x_t, t, label=None, vec=None)``: an Embedding of an integer label and a Linear of a float vector."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(3)
+            self.label = nn.Embedding(3, 1)
+            self.vec = nn.Linear(2, 1)
+
+    def forward(self, x: Tensor, t: Tensor, label: Tensor | None = None, vec: Tensor | None = None) -> Tensor:
+        out = super().forward(x, t)
+        view = (-1, *([1] * (x.ndim - 1)))
+        if label is not None:
+            out = out + self.label(label).view(view)
+        if vec is not None:
+            out = out + self.vec(vec).view(view)
+        return out
+
+
+def test_bf16_true_converts_the_conditions_like_the_noise() -> None:  # 8: bf16-true
+    cond = {"label": torch.tensor([1]), "vec": torch.tensor([[0.5, -1.0]])}  # float32 and int64, batch 1
+    uncond = {"label": torch.tensor([0]), "vec": torch.zeros(1, 2)}
+    options: dict[str, Any] = {"num_steps": 5, "guidance_scale": 2.0}
+    logger = Recording(IMAGE, every_n_steps=2, at_validation_end=False, cond=cond, uncond=uncond, **options)
+    fit(CondGrid(), [logger], max_steps=2, limit_val_batches=0, precision="bf16-true")  # crashed at step 2 before
+    assert logger.steps == [2] and torch.isfinite(logger.samples[0]).all()
+    fresh = CondGrid().to(torch.bfloat16)
+    fresh.load_state_dict(logger.states[0])
+    gen = torch.Generator().manual_seed(derive_seed(0, 1))
+    to_bf16 = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in cond.items()}
+    null_bf16 = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in uncond.items()}
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # what the "bf16-true" forward context does
+    try:
+        expected = fresh.ddim_sample(
+            None, IMAGE, x_T=logger.noise.to(torch.bfloat16), generator=gen, cond=to_bf16, uncond=null_bf16, **options
+        )
+    finally:
+        torch.set_default_dtype(default)
+    assert torch.equal(logger.samples[0], expected.float())
+
+
+def test_before_the_first_ema_update_the_training_weights_are_sampled_and_tagged(tmp_path: Path) -> None:  # 8: EMA
+    ema = EMAWeightAveraging(decay=0.5, update_starting_at_step=4)  # first update at the end of step 5
+    logger = Recording(IMAGE, every_n_steps=2, at_validation_end=False, num_steps=5)
+    after = AveragesAfter(ema)
+    model = GridDenoiser(lr=0.5)
+    weights: list[str | None] = []
+
+    class Weights(Callback):
+        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+            if trainer.global_step % 2 == 0:
+                weights.append(logger.last_weights)
+
+    fit(model, [ema, logger, after, Weights()], limit_val_batches=0, default_root_dir=tmp_path)
+    assert logger.steps == [2, 4, 6] and weights == ["training", "training", "averaged"]
+    initial = params(GridDenoiser(lr=0.5))
+    for step, state in zip(logger.steps, logger.states, strict=True):
+        used = _state_params(state, model)
+        expected = after.current[step] if step < 6 else after.averaged[step]
+        assert all(torch.equal(a, b) for a, b in zip(used, expected, strict=True))
+        assert any(not torch.equal(a, b) for a, b in zip(used, initial, strict=True))  # never the untrained copy
+    files = sorted(p.name for p in (tmp_path / "samples").iterdir())
+    assert files == [
+        "samples_step0000006.png",
+        "samples_training_weights_step0000002.png",
+        "samples_training_weights_step0000004.png",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("make_logger", "make_model", "match"),
+    [
+        (
+            lambda: SampleLogger((4, 2, 4, 4), every_n_steps=2, num_steps=5),
+            GridDenoiser,
+            r"SampleLogger\(shape=\(4, 2, 4, 4\), frame_dim=2\) gives samples that are no pictures and GridDenoiser "
+            r"has no first stage to decode them: write\(\) takes images \(B, C, H, W\) or clips .* with C in \(1, 3\)",
+        ),
+        (lambda: SampleLogger((4, 1, 4), every_n_steps=2, num_steps=5), GridDenoiser, r"shape=\(4, 1, 4\), frame_"),
+        (
+            lambda: SampleLogger((2, 3, 2, 4, 4), every_n_steps=2, num_steps=5, frame_dim=1),
+            GridDenoiser,
+            r"SampleLogger\(shape=\(2, 3, 2, 4, 4\), frame_dim=1\) gives samples that are no pictures",
+        ),
+        (
+            lambda: SampleLogger(IMAGE, every_n_steps=2, num_steps=30),
+            GridDenoiser,
+            r"SampleLogger\(num_steps=30\) is more than the 20 timesteps of GridDenoiser's schedule; expected an "
+            r"integer in \[1, 20\]",
+        ),
+        (
+            lambda: SampleLogger((2, 2, 4, 4), every_n_steps=2, num_steps=5),
+            lambda: __import__("tests.test_latent", fromlist=["LDM"]).LDM("crossattn"),
+            r"LDM is conditional \(conditioning_key='crossattn'\) but the SampleLogger has no condition to sample it "
+            r"with; pass SampleLogger\(cond=\.\.\., uncond=\.\.\.\)",
+        ),
+    ],
+)
+def test_a_configuration_that_can_never_log_is_refused_at_fit_start(
+    make_logger: Any, make_model: Any, match: str
+) -> None:  # 8: refused at fit start
+    count = Count()
+    with pytest.raises(ValueError, match=match):
+        fit(make_model(), [make_logger(), count], max_steps=4, limit_val_batches=0)
+    assert count.steps == []  # before any training step
+
+
+def test_layout_check_leaves_an_overridden_sample_alone() -> None:
+    class TwoToOne(SampleLogger):
+        def sample(self, trainer: L.Trainer, pl_module: L.LightningModule, noise: Tensor, generator: Any) -> Tensor:
+            return super().sample(trainer, pl_module, noise, generator)[:, :1]
+
+    logger = TwoToOne((4, 2, 4, 4), every_n_steps=2, at_validation_end=False, num_steps=5)
+    fit(GridDenoiser(), [logger], max_steps=2, limit_val_batches=0)
+    assert logger.last_samples is not None and logger.last_samples.shape == (4, 1, 4, 4)
+
+
+class NaNAtSampling(GridDenoiser):
+    """The denoiser the sampler calls returns NaN for the first sample (training is unaffected)."""
+
+    def apply_model(self, x: Tensor, t: Tensor) -> Tensor:
+        out = self(x, t).clone()
+        out[0] = float("nan")
+        return out
+
+
+def test_nan_samples_warn_once_and_log_their_count() -> None:  # 8: NaN
+    from tests.lightning_helpers import RecordingLogger
+
+    metrics = RecordingLogger()
+    logger = Recording(IMAGE, every_n_steps=2, at_validation_end=False, num_steps=5)
+    with pytest.warns(
+        UserWarning, match=r"SampleLogger: 16 of 64 sample values are NaN at step 2 \(written as black"
+    ) as w:
+        fit(NaNAtSampling(), [logger], max_steps=4, limit_val_batches=0, logger=metrics)
+    assert sum("sample values are NaN" in str(r.message) for r in w) == 1  # once per fit
+    assert metrics.series("samples/nan_count") == [(2, 16.0), (4, 16.0)]
+    assert logger.steps == [2, 4] and int(torch.isnan(logger.samples[0]).sum()) == 16
+    clean = RecordingLogger()
+    fit(
+        GridDenoiser(), [Recording(IMAGE, every_n_steps=2, num_steps=5)], max_steps=4, limit_val_batches=0, logger=clean
+    )
+    assert clean.series("samples/nan_count") == []  # nothing logged without NaN
+
+
+def test_a_reused_logger_logs_every_step_of_the_second_fit() -> None:  # 8: reuse
+    logger = Recording(IMAGE, every_n_steps=2, at_validation_end=False, num_steps=5)
+    fit(GridDenoiser(), [logger], max_steps=2, limit_val_batches=0)
+    fit(GridDenoiser(), [logger], max_steps=4, limit_val_batches=0)
+    assert logger.steps == [2, 2, 4]  # the second fit's step 2 was taken for the first fit's before

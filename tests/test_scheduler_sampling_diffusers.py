@@ -9,15 +9,19 @@ import math
 from typing import Any
 
 import lightning.pytorch as L
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler
 from torch import Tensor, nn
 
-from lightning_ldm.callbacks import ScheduleCallback
+from lightning_ldm._checks import SCHEDULER_ATOL, check_scheduler
+from lightning_ldm.callbacks import SampleLogger, ScheduleCallback
 from lightning_ldm.latent import LatentDiffusionMixin
+from lightning_ldm.noise_schedule import NoiseSchedule
+from lightning_ldm.scheduler_sampling import scheduler_sample
 from tests.lightning_helpers import make_trainer
-from tests.test_latent import CTX, LDM, SEED, Z, loader
+from tests.test_latent import CTX, LDM, SEED, T, Z, loader
 
 SD = {"timesteps": 1000, "linear_start": 0.00085, "linear_end": 0.012}
 
@@ -159,3 +163,140 @@ def test_guidance_with_nested_compvis_dicts_through_a_scheduler() -> None:
         x_T.shape, cond=cond, x_T=x_T, num_steps=10, decode=False, scheduler=SCHEDULERS["dpmsolver++"](config)
     )
     assert float((ours - unguided).abs().max()) > 0.1  # the guidance changed the samples
+
+
+# ----------------------------------------------------------- mismatched schedulers are refused (issue 13, point 5)
+# every schedule diffusers can express (ours on the left), with the betas as trained_betas where it has no name
+KINDS: dict[str, dict[str, Any]] = {
+    "linear (scaled_linear)": {**SD, "beta_schedule": "linear"},
+    "sqrt_linear (linear)": {"beta_schedule": "sqrt_linear", "timesteps": 1000},
+    "cosine (squaredcos_cap_v2)": {"beta_schedule": "cosine", "timesteps": 1000},
+    "linear, zero terminal SNR": {**SD, "beta_schedule": "linear", "zero_terminal_snr": True},
+    "sqrt_linear, zero terminal SNR": {"beta_schedule": "sqrt_linear", "timesteps": 1000, "zero_terminal_snr": True},
+    "cosine, zero terminal SNR": {"beta_schedule": "cosine", "timesteps": 1000, "zero_terminal_snr": True},
+    "sqrt (trained_betas)": {"beta_schedule": "sqrt", "timesteps": 1000},
+    "linear, T = 20": {"beta_schedule": "linear", "timesteps": 20},
+}
+ALL_SCHEDULERS: dict[str, Any] = {"ddim": DDIMScheduler.from_config, **SCHEDULERS}
+
+
+def _diffusers_config(schedule: NoiseSchedule) -> dict[str, Any]:
+    try:
+        return schedule.to_diffusers_config()
+    except ValueError:  # "sqrt": no diffusers name, its betas go as trained_betas
+        return {
+            "num_train_timesteps": schedule.num_timesteps,
+            "trained_betas": schedule.tables_float64["betas"].tolist(),
+        }
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_matching_schedulers_pass_and_the_tolerance_covers_float32(kind: str) -> None:
+    schedule = NoiseSchedule(**KINDS[kind])
+    ours = schedule.tables_float64["alphas_cumprod"]
+    worst = 0.0
+    for make in ALL_SCHEDULERS.values():
+        sched = make(_diffusers_config(schedule))
+        check_scheduler(sched, schedule, min(50, schedule.num_timesteps - 1))
+        worst = max(worst, float(np.abs(sched.alphas_cumprod.double().numpy() - ours).max()))
+    print(f"{kind}: max |ā_diffusers - ā_ours| over DDIM, DPM-Solver++, Euler, UniPC = {worst:.3g}")
+    assert worst < 6e-7 and worst * 15 < SCHEDULER_ATOL  # float32 rounding, well inside the tolerance
+
+
+def test_a_one_percent_change_of_beta_end_is_refused() -> None:
+    schedule = NoiseSchedule(**SD)
+    near = {**schedule.to_diffusers_config(), "beta_end": SD["linear_end"] * 1.01}
+    with pytest.raises(ValueError, match=r"at t=505 the scheduler has 0\.267575 and the model 0\.269698 \(\|dif"):
+        check_scheduler(DDIMScheduler.from_config(near), schedule)
+
+
+def _refused(model: LDM, sched: Any, match: str, num_steps: int = 5) -> None:
+    x_T = torch.randn(2, Z, 4, 4, generator=torch.Generator().manual_seed(0))
+    schedule = model.noise_schedule
+    with pytest.raises(ValueError, match=match):
+        model.ddim_sample(None, x_T.shape, x_T=x_T, scheduler=sched, num_steps=num_steps)
+    with pytest.raises(ValueError, match=match):
+        model.sample(x_T.shape, x_T=x_T, scheduler=sched, num_steps=num_steps)
+    with pytest.raises(ValueError, match=match):
+        scheduler_sample(lambda x, t: x, x_T, sched, num_steps=num_steps, schedule=schedule)
+    with pytest.raises(ValueError, match=match):
+        check_scheduler(sched, schedule, num_steps)
+
+
+@pytest.mark.parametrize("name", list(ALL_SCHEDULERS))
+def test_a_scheduler_of_another_parameterization_is_refused(name: str) -> None:
+    model = LDM(None, parameterization="v").eval()
+    config = {**model.noise_schedule.to_diffusers_config(), "prediction_type": "epsilon"}  # type: ignore[union-attr]
+    _refused(
+        model,
+        ALL_SCHEDULERS[name](config),
+        r"has prediction_type='epsilon' but the model predicts 'v' \(prediction_type='v_prediction'\); build it "
+        r"with \w+\.from_config\(module\.noise_schedule\.to_diffusers_config\(\)\)",
+    )
+
+
+@pytest.mark.parametrize("name", list(ALL_SCHEDULERS))
+def test_a_scheduler_of_another_schedule_is_refused(name: str) -> None:
+    make = ALL_SCHEDULERS[name]
+    # the same name, another schedule: diffusers' "linear" is our "sqrt_linear"
+    sd = LDM(None, **SD).eval()
+    config = {**sd.noise_schedule.to_diffusers_config(), "beta_schedule": "linear"}  # type: ignore[union-attr]
+    _refused(sd, make(config), r"alphas_cumprod differs from the model's schedule: at t=\d+ the scheduler has")
+    # our zero-terminal-SNR schedule, a scheduler without the rescale (largest difference in the middle)
+    ztsnr = LDM(None, **SD, zero_terminal_snr=True).eval()
+    config = {**ztsnr.noise_schedule.to_diffusers_config(), "rescale_betas_zero_snr": False}  # type: ignore[union-attr]
+    _refused(ztsnr, make(config), r"at t=506 the scheduler has 0\.268381 and the model 0\.233057 ")
+    # another number of training timesteps (the default 1000 on a 20-step model)
+    _refused(LDM(None).eval(), make({}), r"has num_train_timesteps=1000 but the model's schedule has 20")
+
+
+@pytest.mark.parametrize("name", ["dpmsolver++", "unipc"])
+def test_more_steps_than_the_scheduler_supports_are_refused_not_nan(name: str) -> None:
+    model = LDM(None).eval()  # T = 20
+    config = model.noise_schedule.to_diffusers_config()  # type: ignore[union-attr]
+    x_T = torch.randn(2, Z, 4, 4, generator=torch.Generator().manual_seed(0))
+    ok = model.sample(x_T.shape, x_T=x_T, scheduler=SCHEDULERS[name](config), num_steps=T - 1, decode=False)
+    assert torch.isfinite(ok).all()  # 19 steps: distinct timesteps
+    for steps in (T, T + 5):  # the samples were all NaN here before
+        _refused(model, SCHEDULERS[name](config), rf"num_steps={steps} is more than \w+ supports on its 20 training "
+                 r"timesteps: its timesteps repeat \(\d+ twice\), so a step has size 0", num_steps=steps)  # fmt: skip
+
+
+def test_ddim_scheduler_refusal_names_num_steps_and_euler_takes_more_steps_than_t() -> None:
+    model = LDM(None).eval()
+    config = model.noise_schedule.to_diffusers_config()  # type: ignore[union-attr]
+    _refused(
+        model,
+        DDIMScheduler.from_config(config),
+        r"num_steps=21 is more than DDIMScheduler supports on its 20 training timesteps: `num_inference_steps`: 21",
+        num_steps=T + 1,
+    )
+    x_T = torch.randn(2, Z, 4, 4, generator=torch.Generator().manual_seed(0))
+    euler = model.sample(x_T.shape, x_T=x_T, scheduler=SCHEDULERS["euler"](config), num_steps=T + 5, decode=False)
+    assert torch.isfinite(euler).all()  # Euler's timesteps are real numbers: they never repeat
+
+
+def test_return_intermediates_with_a_scheduler_is_refused() -> None:
+    model = LDM(None).eval()
+    sched = DDIMScheduler.from_config(model.noise_schedule.to_diffusers_config())  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match=r"return_intermediates=True is not supported with a scheduler"):
+        model.ddim_sample(None, (2, Z, 4, 4), scheduler=sched, num_steps=5, return_intermediates=True)
+
+
+def test_sample_logger_refuses_a_mismatched_scheduler_at_fit_start() -> None:
+    model = LDM(None)
+    sched = DPMSolverMultistepScheduler.from_config(model.noise_schedule.to_diffusers_config())  # type: ignore[union-attr]
+    steps: list[int] = []
+
+    class Count(L.Callback):
+        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+            steps.append(trainer.global_step)
+
+    logger = SampleLogger((2, Z, 4, 4), every_n_steps=3, at_validation_end=False, num_steps=T, scheduler=sched)
+    with pytest.raises(ValueError, match=r"num_steps=20 is more than DPMSolverMultistepScheduler supports"):
+        make_trainer(max_steps=4, callbacks=[logger, Count()]).fit(model, loader())
+    other = DDIMScheduler.from_config({})  # 1000 training timesteps
+    logger = SampleLogger((2, Z, 4, 4), every_n_steps=3, at_validation_end=False, num_steps=5, scheduler=other)
+    with pytest.raises(ValueError, match=r"DDIMScheduler has num_train_timesteps=1000 but the model's schedule has 20"):
+        make_trainer(max_steps=4, callbacks=[logger, Count()]).fit(model, loader())
+    assert steps == []  # refused before the first training step

@@ -8,6 +8,11 @@ an image grid (or, for 5-D samples, an animated grid) to every attached logger (
 What it leaves alone: the training weights (restored bitwise after sampling with averaged weights), the modules'
 train/eval modes, and every random stream of training: the global CPU RNG, the module device's CUDA RNG and the
 module's ``diffusion_generator``. A fit with and without the callback ends with the same weights.
+
+A configuration that could never log (a conditional model and no ``cond``, more steps than the schedule or the
+scheduler takes, samples that are no pictures and no first stage to decode them) is refused at fit start, not after
+``every_n_steps`` steps of training. Samples holding NaN are written (as black pixels) with a warning and their NaN
+count logged as ``"{tag}/nan_count"``.
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 from typing_extensions import override
 
-from lightning_ldm._checks import check_choice, check_int, check_real, check_scheduler
+from lightning_ldm._checks import check_choice, check_int, check_real, check_scheduler, check_shape
 from lightning_ldm.callbacks._diffusion import diffusion_module
 from lightning_ldm.callbacks.sample_writers import write_image, write_video
 from lightning_ldm.ddim import DDIM_METHODS
+from lightning_ldm.latent import LatentDiffusionMixin
 from lightning_ldm.media import check_value_range, image_grid, to_uint8, video_grid
 from lightning_ldm.mixin import DiffusionMixin
 from lightning_ldm.seeding import derive_seed
@@ -38,6 +44,7 @@ __all__ = ["SampleLogger", "averaged_module"]
 log = logging.getLogger(__name__)
 
 Conditioning = Tensor | Mapping[str, Any] | list[Any] | tuple[Any, ...] | None
+_PICTURE_CHANNELS = (1, 3)
 
 
 def averaged_module(callback: WeightAveraging) -> nn.Module | None:
@@ -55,11 +62,21 @@ def _callbacks(trainer: pl.Trainer) -> list[Callback]:
     return list(getattr(trainer, "callbacks", []))
 
 
-def _first_averaged_module(trainer: pl.Trainer) -> nn.Module | None:
+def _first_averaged_module(trainer: pl.Trainer) -> tuple[nn.Module | None, bool]:
+    """The first ``WeightAveraging`` callback's averaged module once it holds an average, and whether one is pending.
+
+    Before the callback's first update (e.g. ``EMAWeightAveraging(update_starting_at_step=N)`` before step N) its
+    module is an untrained copy of the initial weights: ``(None, True)``, so the training weights are sampled.
+    """
+    pending = False
     for callback in _callbacks(trainer):
-        if isinstance(callback, WeightAveraging) and (module := averaged_module(callback)) is not None:
-            return module
-    return None
+        if not isinstance(callback, WeightAveraging) or (module := averaged_module(callback)) is None:
+            continue
+        count = getattr(getattr(callback, "_average_model", None), "n_averaged", None)
+        if count is None or int(count) > 0:
+            return module, False
+        pending = True
+    return None, pending
 
 
 @contextlib.contextmanager
@@ -120,15 +137,55 @@ def _check_cond(name: str, value: Any) -> Conditioning:
     return value
 
 
-def _to_device(value: Any, device: torch.device) -> Any:
-    """``value`` with every tensor in it (through lists and dicts) moved to ``device``."""
+def _to_device(value: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """``value`` with every tensor in it (through lists and dicts) moved to ``device``, floating ones cast to ``dtype``.
+
+    Integer tensors (class labels, token ids) keep their dtype.
+    """
     if isinstance(value, Tensor):
-        return value.to(device)
+        return value.to(device, dtype if dtype is not None and value.is_floating_point() else value.dtype)
     if isinstance(value, Mapping):
-        return {k: _to_device(v, device) for k, v in value.items()}
+        return {k: _to_device(v, device, dtype) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_to_device(v, device) for v in value]
+        return [_to_device(v, device, dtype) for v in value]
     return value
+
+
+def _check_can_log(logger: SampleLogger, pl_module: pl.LightningModule) -> None:
+    """Raise when ``logger`` could never log samples of ``pl_module`` (called at fit start).
+
+    Raises:
+        ValueError: A conditional ``LatentDiffusionMixin`` and no ``cond``; ``num_steps`` more than the schedule (or
+            the scheduler) takes; or, with the default ``sample``/``write`` and no first stage, a ``shape`` that is no
+            picture (4-D or 5-D with 1 or 3 channels).
+    """
+    module = type(pl_module).__name__
+    key = getattr(pl_module, "conditioning_key", None)
+    if isinstance(pl_module, LatentDiffusionMixin) and key is not None and logger.cond is None:
+        raise ValueError(
+            f"{module} is conditional (conditioning_key={key!r}) but the SampleLogger has no condition to sample it "
+            "with; pass SampleLogger(cond=..., uncond=...) (uncond is needed for guidance_scale != 1)"
+        )
+    schedule = getattr(pl_module, "noise_schedule", None)
+    if schedule is not None and logger.scheduler is not None:
+        check_scheduler(logger.scheduler, schedule, logger.num_steps)
+    elif schedule is not None and logger.num_steps > schedule.num_timesteps:
+        steps = schedule.num_timesteps
+        raise ValueError(
+            f"SampleLogger(num_steps={logger.num_steps}) is more than the {steps} timesteps of {module}'s schedule; "
+            f"expected an integer in [1, {steps}]"
+        )
+    default = type(logger).sample is SampleLogger.sample and type(logger).write is SampleLogger.write
+    if not default or getattr(pl_module, "first_stage", None) is not None:
+        return
+    shape = logger.shape
+    channels = shape[1 if len(shape) == 4 or logger.frame_dim == 2 else 2] if len(shape) in (4, 5) else None
+    if channels not in _PICTURE_CHANNELS:
+        raise ValueError(
+            f"SampleLogger(shape={shape}, frame_dim={logger.frame_dim}) gives samples that are no pictures and "
+            f"{module} has no first stage to decode them: write() takes images (B, C, H, W) or clips (5-D, see "
+            f"frame_dim) with C in {_PICTURE_CHANNELS}; override SampleLogger.sample to map them to pictures"
+        )
 
 
 class SampleLogger(Callback):
@@ -144,8 +201,10 @@ class SampleLogger(Callback):
     module's device reseeded with ``derive_seed(seed, 1)`` before each sampling, so every logging is comparable.
 
     With a ``WeightAveraging`` callback (e.g. ``EMAWeightAveraging``) on the Trainer, samples come from the averaged
-    weights once they exist (during ``fit``); the training weights are put back bitwise afterwards. List the
-    ``SampleLogger`` after the averaging callback so that step-based samples include that step's update.
+    weights once it has averaged (during ``fit``); the training weights are put back bitwise afterwards. Before its
+    first update (``update_starting_at_step``) the training weights are sampled and logged as
+    ``f"{tag}/training_weights"`` (:attr:`last_weights` says which). List the ``SampleLogger`` after the averaging
+    callback so that step-based samples include that step's update.
 
     Samples are logged by global rank zero only, with no collective call: do not use it with a strategy that
     shards the weights (FSDP, DeepSpeed stage 3). Customise by overriding :meth:`sample` (how samples are made)
@@ -169,6 +228,8 @@ class SampleLogger(Callback):
         frame_dim: For 5-D samples, the axis of the frames: 2 for ``(B, C, T, H, W)``, 1 for ``(B, T, C, H, W)``.
         max_frames: Log at most this many leading frames of a clip (``None``: all).
         fps: Frames per second of the animations.
+        scheduler: A diffusers-style scheduler run instead of our DDIM (``method`` and ``clip_x0`` then do not
+            apply); compared with the module's schedule and ``num_steps`` at fit start.
 
     Raises:
         TypeError: An argument has the wrong type.
@@ -198,11 +259,7 @@ class SampleLogger(Callback):
         fps: float = 8.0,
         scheduler: Any = None,
     ) -> None:
-        if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
-            raise TypeError(f"shape must be a sequence of positive integers, got {type(shape).__name__}")
-        self.shape = tuple(check_int(f"shape[{i}]", s, minimum=1) for i, s in enumerate(shape))
-        if len(self.shape) < 2:
-            raise ValueError(f"shape must have a batch axis and at least one more, got {self.shape}")
+        self.shape = check_shape("shape", shape, min_ndim=2)
         self.every_n_steps = None if every_n_steps is None else check_int("every_n_steps", every_n_steps, minimum=1)
         if not isinstance(at_validation_end, bool):
             raise TypeError(f"at_validation_end must be a bool, got {type(at_validation_end).__name__}")
@@ -234,8 +291,13 @@ class SampleLogger(Callback):
         self.scheduler = scheduler
         self._noise = torch.randn(self.shape, generator=torch.Generator().manual_seed(self.seed), dtype=torch.float32)
         self._last_step: int | None = None
+        self._warned_nan = False
         #: The samples of the last logging (float32, CPU, as :meth:`sample` returned them), ``None`` before.
         self.last_samples: Tensor | None = None
+        #: The weights of the last logging: ``"averaged"`` or ``"training"`` (``None`` before the first).
+        self.last_weights: str | None = None
+        #: The tag of the last logging: ``tag``, or ``f"{tag}/training_weights"`` before an average exists.
+        self.last_tag: str | None = None
 
     @property
     def noise(self) -> Tensor:
@@ -245,7 +307,12 @@ class SampleLogger(Callback):
     # ----------------------------------------------------------------------------------------------- hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Check the module can sample and warn when an averaging callback comes after this one."""
+        """Check the module can sample, warn when an averaging callback comes after this one, start a new fit.
+
+        A fit starts afresh (its steps are logged even when a previous fit of this callback logged the same ones).
+        """
+        if stage == "fit":
+            self._last_step, self._warned_nan = None, False
         if not isinstance(pl_module, DiffusionMixin):
             raise TypeError(
                 f"SampleLogger needs a module that mixes in DiffusionMixin, got {type(pl_module).__name__}"
@@ -258,6 +325,15 @@ class SampleLogger(Callback):
                     "SampleLogger is listed before a WeightAveraging callback: its step-based samples use averaged "
                     "weights without that step's update; list SampleLogger after it"
                 )
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse a configuration that could never log (see the module docstring), before any training step.
+
+        Raises:
+            ValueError: The configuration cannot log; the message says what to pass.
+        """
+        _check_can_log(self, pl_module)
 
     @override
     def on_train_batch_end(
@@ -289,7 +365,11 @@ class SampleLogger(Callback):
         if not trainer.is_global_zero or step == self._last_step:
             return None
         self._last_step = step
-        averaged = _first_averaged_module(trainer)
+        averaged, pending = _first_averaged_module(trainer)
+        self.last_weights = "training" if averaged is None else "averaged"
+        self.last_tag = f"{self.tag}/training_weights" if pending else self.tag
+        if pending:
+            log.info("SampleLogger: no weights averaged yet at step %d; sampling the training weights", step)
         modes = [(m, m.training) for m in pl_module.modules()]
         pl_module.eval()
         try:
@@ -303,8 +383,24 @@ class SampleLogger(Callback):
             for module, mode in modes:
                 module.training = mode
         self.last_samples = samples
+        self._report_nan(trainer, samples, step)
         self.write(trainer, samples, step)
         return samples
+
+    def _report_nan(self, trainer: pl.Trainer, samples: Tensor, step: int) -> None:
+        """Warn (once per fit) and log ``"{tag}/nan_count"`` when ``samples`` hold NaN."""
+        count = int(torch.isnan(samples).sum())
+        if not count:
+            return
+        tag = self.last_tag or self.tag
+        if not self._warned_nan:
+            self._warned_nan = True
+            rank_zero_warn(
+                f"SampleLogger: {count} of {samples.numel()} sample values are NaN at step {step} (written as black "
+                f"pixels; the count is logged as '{tag}/nan_count')"
+            )
+        for logger in trainer.loggers:
+            logger.log_metrics({f"{tag}/nan_count": float(count)}, step=step)
 
     def sample(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, noise: Tensor, generator: torch.Generator
@@ -336,7 +432,8 @@ class SampleLogger(Callback):
             options["sampler"] = self.scheduler
         else:
             options.update(method=self.method, clip_x0=self.clip_x0)
-        cond, uncond = _to_device(self.cond, noise.device), _to_device(self.uncond, noise.device)
+        cond = _to_device(self.cond, noise.device, noise.dtype)  # the noise's dtype: the module's under "bf16-true"
+        uncond = _to_device(self.uncond, noise.device, noise.dtype)
         samples = diffusion_module(pl_module, type(self).__name__).sample(
             noise.shape, cond=cond, uncond=uncond, **options
         )
@@ -353,12 +450,13 @@ class SampleLogger(Callback):
                 :meth:`sample` to map other channels to pictures).
         """
         pictures = to_uint8(samples, self.value_range)
+        tag = self.last_tag or self.tag
         if samples.ndim == 4:
-            return write_image(trainer, self.tag, image_grid(pictures, nrow=self.nrow), step)
+            return write_image(trainer, tag, image_grid(pictures, nrow=self.nrow), step)
         if samples.ndim == 5:
             clips = pictures.movedim(2, 1) if self.frame_dim == 2 else pictures
             clips = clips[:, : self.max_frames]
-            return write_video(trainer, self.tag, video_grid(clips, nrow=self.nrow), step, self.fps)
+            return write_video(trainer, tag, video_grid(clips, nrow=self.nrow), step, self.fps)
         raise ValueError(
             f"samples must be images (B, C, H, W) or clips (5-D), got shape {tuple(samples.shape)}; override "
             "SampleLogger.sample to return one of them"

@@ -75,16 +75,27 @@ class TimestepLossMonitor(Callback):
         self._last_log_step = -1
         self._pending_bucket_state: dict[str, Tensor] | None = None
         self._warned_nan = False
+        self._loaded = False  # load_state_dict ran since the last train start
 
     # ------------------------------------------------------------------------------------------------- fit start
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Check that the module is a ``DiffusionMixin``.
+        """Check that the module is a ``DiffusionMixin``; at the start of a fit, forget the previous fit's window.
+
+        A monitor reused for a second ``fit`` starts with an empty window and logs every step again. What
+        :meth:`load_state_dict` restores is kept: Lightning restores a resumed fit's callback state after ``setup``,
+        and state loaded by hand before ``fit`` is kept until train start.
 
         Raises:
             TypeError: The module is not a ``DiffusionMixin``.
         """
         diffusion_module(pl_module, type(self).__name__)
+        if stage == "fit" and not self._loaded:
+            self._last_log_step = -1
+            self._pending_bucket_state = None
+            self._warned_nan = False
+            if self.bucket_loss is not None:
+                self.bucket_loss.reset()
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -126,7 +137,7 @@ class TimestepLossMonitor(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Restore the bucket window of a resumed run (on global rank 0 only: the saved sums are rank 0's)."""
-        pending, self._pending_bucket_state = self._pending_bucket_state, None
+        pending, self._pending_bucket_state, self._loaded = self._pending_bucket_state, None, False
         metric = self.bucket_loss
         if pending is None or metric is None or trainer.global_rank != 0:
             return
@@ -217,6 +228,7 @@ class TimestepLossMonitor(Callback):
         Args:
             state_dict: A dict from :meth:`state_dict`.
         """
+        self._loaded = True
         self._last_log_step = int(state_dict.get("last_log_step", -1))
         bucket = state_dict.get("bucket_loss")
         self._pending_bucket_state = dict(bucket) if bucket is not None else None
