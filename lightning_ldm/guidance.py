@@ -61,7 +61,9 @@ def _cat_pair(u: Any, c: Any, batch_size: int, where: str) -> Any:
         return torch.cat([_expand_batch(u, batch_size, f"uncond{where}"), _expand_batch(c, batch_size, f"cond{where}")])
     if isinstance(c, (list, tuple)) and isinstance(u, (list, tuple)) and len(c) == len(u):
         return [_cat_pair(ui, ci, batch_size, f"{where}[{i}]") for i, (ui, ci) in enumerate(zip(u, c, strict=True))]
-    if isinstance(c, Mapping) and isinstance(u, Mapping) and set(c) == set(u):
+    if isinstance(c, Mapping) and isinstance(u, Mapping):
+        if set(c) != set(u):
+            raise ValueError(f"cond{where} and uncond{where} must name the same keys, got {sorted(c)} and {sorted(u)}")
         return {k: _cat_pair(u[k], c[k], batch_size, f"{where}[{k!r}]") for k in c}
     raise TypeError(
         f"cond{where} and uncond{where} must be tensors (or lists/dicts of tensors of the same structure) to batch "

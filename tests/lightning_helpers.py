@@ -34,6 +34,8 @@ class TinyNet(nn.Module):
 class TinyDenoiser(DiffusionMixin, L.LightningModule):
     """A DiffusionMixin module that records ``(t, per-sample loss)`` of every training batch in ``self.recorded``."""
 
+    denoiser_name = "net"
+
     def __init__(
         self,
         timesteps: int = 20,
@@ -51,14 +53,14 @@ class TinyDenoiser(DiffusionMixin, L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x = batch[0]
-        loss = self.diffusion_loss(self.net, x)
+        loss = self.diffusion_loss(x)
         assert self.last_timestep_losses is not None
         t, losses = self.last_timestep_losses
         self.recorded.append((t.detach().cpu().clone(), losses.detach().cpu().clone()))
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        loss = self.diffusion_loss(self.net, batch[0])
+        loss = self.diffusion_loss(batch[0])
         self.log("val_loss", loss)
         return loss
 

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from lightning_ldm.callbacks import AlphaBlenderMonitor, GradientCheckpointing, ScheduleCallback, TimestepLossMonitor
 from lightning_ldm.callbacks.schedule import DEFAULT_SEED, derive_seed
+from lightning_ldm.compat import CompVisCompat
 from lightning_ldm.mixin import DiffusionMixin
 from lightning_ldm.timestep_samplers import LogitNormalSampler, LossAwareSampler, UniformSampler
 from tests.lightning_helpers import RecordingLogger, TinyDenoiser, make_loader, make_trainer
@@ -124,8 +125,8 @@ def test_refuses_a_module_without_a_schedule(callback: type) -> None:
         make_trainer(callbacks=[callback()]).fit(_NoSchedule(), make_loader())
 
 
-class _Snoop(TinyDenoiser):
-    """Records what the callback installed, and the table dtypes, at every training step."""
+class _Snoop(CompVisCompat, TinyDenoiser):
+    """Records what the callback installed, and the table dtypes (CompVis' names), at every training step."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -137,9 +138,9 @@ class _Snoop(TinyDenoiser):
         return super().training_step(batch, batch_idx)
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        t = self.sample_timesteps(batch[0].shape[0])
+        t = self.draw_timesteps(batch[0].shape[0])
         self.val_t.append(t.clone())
-        return self.diffusion_loss(self.net, batch[0], t=t)
+        return self.diffusion_loss(batch[0], t=t)
 
 
 @pytest.mark.parametrize("sampler", ["uniform", "logit_normal"])

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning_ldm.mixin as mixin_module
+from lightning_ldm.checkpointing import checkpoint
+from lightning_ldm.compat import CompVisCompat
 from lightning_ldm.ddim import ddim_sample as core_ddim_sample
 from lightning_ldm.embedding import timestep_embedding
 from lightning_ldm.mixin import DiffusionMixin
@@ -36,8 +37,8 @@ TABLE_NAMES = SCHEDULE_TABLES
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
-class Toy(DiffusionMixin, L.LightningModule):
-    """A 1x1-conv denoiser over (B, 2, 4, 4) samples."""
+class Toy(CompVisCompat, DiffusionMixin, L.LightningModule):
+    """A 1x1-conv denoiser over (B, 2, 4, 4) samples, with CompVis' names (the tables these tests read)."""
 
     def __init__(
         self,
@@ -62,7 +63,7 @@ class Toy(DiffusionMixin, L.LightningModule):
         return self.net(x)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self.diffusion_loss(self, batch[0], loss_weighting=self.hparams.loss_weighting)
+        return self.diffusion_loss(batch[0], loss_weighting=self.hparams.loss_weighting)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -87,6 +88,13 @@ def ref_tables(betas: np.ndarray, v_posterior: float = 0.0) -> dict[str, np.ndar
 
 def bare(**kwargs: Any) -> Toy:
     return Toy(**kwargs)
+
+
+def denoising_with(model: Toy, net: Any) -> Toy:
+    """``model`` with ``net`` as its denoiser: what ``apply_model`` (so the loss and the samplers) calls."""
+    model.denoiser_name = "denoiser"
+    model.denoiser = net
+    return model
 
 
 def as_np(x: Tensor) -> np.ndarray:
@@ -123,7 +131,7 @@ def test_tables_match_float64_formulas(schedule: str, ztsnr: bool, v_posterior: 
     assert model.num_timesteps == 200
     if ztsnr:
         assert model.alphas_cumprod[-1].item() == 0.0
-        assert model.snr(torch.tensor([199])).item() == 0.0
+        assert model.noise_schedule.snr(torch.tensor([199])).item() == 0.0
 
 
 def test_table_dtype_float64_keeps_the_exact_numbers() -> None:
@@ -146,10 +154,10 @@ def test_given_betas_accepts_numpy_torch_and_sequences() -> None:
     np.testing.assert_allclose(as_np(models[0].alphas_cumprod), np.cumprod(1 - betas), rtol=1e-6)
     for other in (models[1], models[3]):  # the same float64 betas, whatever the container
         assert torch.equal(other.alphas_cumprod, models[0].alphas_cumprod)
-    fp = models[0].schedule_fingerprint
+    fp = models[0].noise_schedule.fingerprint
     assert fp["beta_schedule"] == "given" and fp["timesteps"] == 50 and len(fp["betas_sha256"]) == 16
-    assert models[1].schedule_fingerprint == fp and models[3].schedule_fingerprint == fp
-    assert models[2].schedule_fingerprint["betas_sha256"] != fp["betas_sha256"]  # rounded through float32
+    assert models[1].noise_schedule.fingerprint == fp and models[3].noise_schedule.fingerprint == fp
+    assert models[2].noise_schedule.fingerprint["betas_sha256"] != fp["betas_sha256"]  # rounded through float32
 
 
 @pytest.mark.parametrize(
@@ -216,15 +224,17 @@ def test_mixin_must_come_first_and_needs_a_schedule() -> None:
     with pytest.raises(TypeError, match=r"must subclass torch.nn.Module"):
         NotAModule().register_schedule(timesteps=10)
 
-    class NoSchedule(DiffusionMixin, L.LightningModule):
+    class NoSchedule(CompVisCompat, DiffusionMixin, L.LightningModule):
         pass
 
     model = NoSchedule()
+    assert model.noise_schedule is None
     for call in (
         lambda: model.q_sample(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long)),
-        lambda: model.sample_timesteps(3),
-        lambda: model.snr(torch.zeros(1, dtype=torch.long)),
-        lambda: model.schedule_fingerprint,
+        lambda: model.draw_timesteps(3),
+        lambda: model.snr_table,
+        lambda: model.diffusion_loss(torch.zeros(1, 2)),
+        lambda: model.sample((1, 2)),
     ):
         with pytest.raises(RuntimeError, match=r"NoSchedule has no noise schedule: call self.register_schedule"):
             call()
@@ -405,11 +415,11 @@ def test_identities_match_float64_formulas() -> None:
     cases["q_posterior variance"] = (var, c("posterior_variance"))
     cases["q_posterior log variance"] = (logvar, c("posterior_log_variance_clipped"))
     ab = ref["alphas_cumprod"][ti]
-    cases["snr"] = (model.snr(t), ab / (1 - ab))
+    cases["snr"] = (model.noise_schedule.snr(t), ab / (1 - ab))
     for name, (got, expected) in cases.items():
         assert got.dtype == torch.float32, name
         np.testing.assert_allclose(as_np(got), expected, rtol=2e-5, atol=2e-5, err_msg=name)
-    assert var.shape == (6, 1, 1) and model.snr(t).shape == (6,)
+    assert var.shape == (6, 1, 1) and model.noise_schedule.snr(t).shape == (6,)
 
 
 def test_results_come_back_in_the_sample_dtype() -> None:
@@ -460,7 +470,7 @@ def test_identities_reject_bad_timesteps() -> None:
     with pytest.raises(ValueError, match=r"t holds timestep 100, outside the valid range \[0, 99\]"):
         model.get_v(x, x, torch.tensor([1, 100]))
     with pytest.raises(ValueError, match=r"t holds timestep -1"):
-        model.snr(torch.tensor([-1]))
+        model.noise_schedule.snr(torch.tensor([-1]))
     with pytest.raises(ValueError, match=r"x_start and x_t must have the same shape, got \(2, 3\) and \(2, 4\)"):
         model.q_posterior(x, torch.zeros(2, 4), torch.tensor([1, 2]))
 
@@ -502,7 +512,9 @@ def test_loss_matches_the_formula(parameterization: str, loss_type: str, weighti
     noise = torch.randn(5, 2, 3, 3, generator=g)
     t = torch.tensor([0, 10, 300, 800, 999])
     net = Scale()
-    loss = model.diffusion_loss(net, x0, t=t, noise=noise, loss_type=loss_type, loss_weighting=weighting)  # type: ignore[arg-type]
+    loss = denoising_with(model, net).diffusion_loss(
+        x0, t=t, noise=noise, loss_type=loss_type, loss_weighting=weighting
+    )  # type: ignore[arg-type]
 
     betas = ref_betas("linear", 1000)
     ab = np.cumprod(1 - betas)[t.numpy()]
@@ -526,9 +538,9 @@ def test_min_snr_weights_are_finite_and_clamp_the_right_way(parameterization: st
     gamma = 5.0
     model = bare(timesteps=1000, parameterization=parameterization, zero_terminal_snr=ztsnr)
     t = torch.arange(1000)
-    w = model.loss_weights(t, "min_snr", gamma)
+    w = model.noise_schedule.loss_weights(t, "min_snr", gamma)
     assert w is not None and w.dtype == torch.float32 and torch.isfinite(w).all()
-    snr = as_np(model.snr(t))
+    snr = as_np(model.noise_schedule.snr(t))
     W = as_np(w)
     betas = ref_ztsnr(ref_betas("linear", 1000)) if ztsnr else ref_betas("linear", 1000)
     expected = ref_weights(parameterization, "min_snr", np.cumprod(1 - betas), betas, gamma)
@@ -560,9 +572,9 @@ def test_min_snr_never_exceeds_the_unweighted_eps_loss() -> None:
         ("noisy", torch.arange(992, 1000)),
         ("mixed", torch.arange(0, 1000, 125)),
     ):
-        plain = model.diffusion_loss(Scale(), x0, t=t, noise=noise)
+        plain = denoising_with(model, Scale()).diffusion_loss(x0, t=t, noise=noise)
         per_plain = model.last_timestep_losses[1]  # type: ignore[index]
-        weighted = model.diffusion_loss(Scale(), x0, t=t, noise=noise, loss_weighting="min_snr")
+        weighted = denoising_with(model, Scale()).diffusion_loss(x0, t=t, noise=noise, loss_weighting="min_snr")
         per_weighted = model.last_timestep_losses[1]  # type: ignore[index]
         assert torch.isfinite(weighted)
         assert (per_weighted <= per_plain).all() and weighted <= plain
@@ -597,7 +609,7 @@ def test_vlb_weights_follow_compvis(parameterization: str, ztsnr: bool) -> None:
     if parameterization == "x0":  # not CompVis' precedence slip `2. * 1 - ā`
         slip = 0.5 * np.sqrt(ab) / (2.0 * 1 - ab)
         assert not np.allclose(w[1:], slip[1:], rtol=1e-2)
-    got = model.loss_weights(torch.tensor([0, 1, 999]), "vlb")
+    got = model.noise_schedule.loss_weights(torch.tensor([0, 1, 999]), "vlb")
     assert got is not None
     np.testing.assert_allclose(as_np(got), expected[[0, 1, 999]], rtol=1e-5)
 
@@ -606,9 +618,9 @@ def test_vlb_loss_is_the_weighted_mean() -> None:
     model = bare(timesteps=100)
     x0, noise = torch.randn(3, 2, 2, 2), torch.randn(3, 2, 2, 2)
     t = torch.tensor([0, 40, 99])
-    plain = model.diffusion_loss(Scale(), x0, t=t, noise=noise)
+    plain = denoising_with(model, Scale()).diffusion_loss(x0, t=t, noise=noise)
     per = model.last_timestep_losses[1]  # type: ignore[index]
-    vlb = model.diffusion_loss(Scale(), x0, t=t, noise=noise, loss_weighting="vlb")
+    vlb = denoising_with(model, Scale()).diffusion_loss(x0, t=t, noise=noise, loss_weighting="vlb")
     assert vlb.item() == pytest.approx((per * model.lvlb_weights[t]).mean().item(), rel=1e-6)
     assert plain.item() != pytest.approx(vlb.item())
 
@@ -619,7 +631,7 @@ def test_offset_noise_is_one_value_per_sample_and_channel(shape: tuple[int, ...]
     model.diffusion_generator = torch.Generator().manual_seed(4)
     net = Scale()
     t = torch.tensor([99, 50, 10])
-    model.diffusion_loss(net, torch.zeros(shape), t=t, noise=torch.zeros(shape), offset_noise=0.5)
+    denoising_with(model, net).diffusion_loss(torch.zeros(shape), t=t, noise=torch.zeros(shape), offset_noise=0.5)
     x_t = net.calls[0][0]
     per_channel = x_t.flatten(2)
     assert torch.equal(per_channel, per_channel[:, :, :1].expand_as(per_channel))  # constant over space (and time)
@@ -629,7 +641,7 @@ def test_offset_noise_is_one_value_per_sample_and_channel(shape: tuple[int, ...]
     scale = model.sqrt_one_minus_alphas_cumprod[t].view(3, 1)
     torch.testing.assert_close(per_channel[:, :, 0], 0.5 * expected * scale)
     plain = Scale()
-    model.diffusion_loss(plain, torch.zeros(shape), t=t, noise=torch.zeros(shape))
+    denoising_with(model, plain).diffusion_loss(torch.zeros(shape), t=t, noise=torch.zeros(shape))
     assert torch.equal(plain.calls[0][0], torch.zeros(shape))
 
 
@@ -637,13 +649,13 @@ def test_last_timestep_losses_only_in_training_and_detached() -> None:
     model = bare(timesteps=100)
     model.train()
     x0 = torch.randn(4, 2, 4, 4)
-    loss = model.diffusion_loss(model, x0)
+    loss = model.diffusion_loss(x0)
     t, per = model.last_timestep_losses  # type: ignore[misc]
     assert t.dtype == torch.long and t.shape == (4,) and per.dtype == torch.float32 and per.shape == (4,)
     assert not per.requires_grad and loss.requires_grad
     assert per.mean().item() == pytest.approx(loss.item(), rel=1e-6)
     model.eval()
-    model.diffusion_loss(model, x0)
+    model.diffusion_loss(x0)
     assert model.last_timestep_losses[0] is t  # type: ignore[index]
 
 
@@ -652,11 +664,11 @@ def test_loss_is_float32_under_autocast_and_for_half_models() -> None:
     x0 = torch.randn(4, 2, 4, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model.net(x0)
-        loss = model.diffusion_loss(model, x0)
+        loss = model.diffusion_loss(x0)
     assert out.dtype == torch.bfloat16 and loss.dtype == torch.float32
     assert model.last_timestep_losses[1].dtype == torch.float32  # type: ignore[index]
     model.to(torch.bfloat16)
-    loss = model.diffusion_loss(model, x0.to(torch.bfloat16))
+    loss = model.diffusion_loss(x0.to(torch.bfloat16))
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
@@ -685,7 +697,7 @@ def test_loss_rejects_bad_arguments(kwargs: dict[str, Any], error: type[Exceptio
     args = {"model": lambda x, t: x, "x_start": torch.zeros(4, 2, 4, 4)}
     args.update(kwargs)
     with pytest.raises(error, match=match):
-        model.diffusion_loss(args.pop("model"), args.pop("x_start"), **args)
+        denoising_with(model, args.pop("model")).diffusion_loss(args.pop("x_start"), **args)
 
 
 # ----------------------------------------------------------------------------------- timesteps, noise, sampler
@@ -695,7 +707,7 @@ def test_generator_makes_timesteps_and_noise_reproducible() -> None:
 
     def draw() -> tuple[Tensor, Tensor]:
         model.diffusion_generator = torch.Generator().manual_seed(7)
-        return model.sample_timesteps(5), model.sample_noise(like)
+        return model.draw_timesteps(5), model.draw_noise(like)
 
     (t1, n1), (t2, n2) = draw(), draw()
     assert torch.equal(t1, t2) and torch.equal(n1, n2)
@@ -705,7 +717,7 @@ def test_generator_makes_timesteps_and_noise_reproducible() -> None:
     # noise is drawn in float32 then cast: the same numbers under every precision
     assert torch.equal(n1, torch.randn(5, 3, generator=g).to(torch.bfloat16))
     torch.manual_seed(0)
-    full = model.sample_timesteps(4000)
+    full = model.draw_timesteps(4000)
     assert set(full.tolist()) == set(range(100))
 
 
@@ -727,20 +739,20 @@ def test_installed_sampler_draws_the_timesteps_and_its_importance_weights_apply(
     sampler = RecordingSampler()
     model.timestep_sampler = sampler
     model.diffusion_generator = gen = torch.Generator()
-    assert torch.equal(model.sample_timesteps(3), torch.full((3,), 99))
+    assert torch.equal(model.draw_timesteps(3), torch.full((3,), 99))
     assert sampler.calls == [(3, 100, torch.device("cpu"), gen)]
     x0 = torch.randn(3, 2, 4, 4)
-    plain = model.diffusion_loss(model, x0)
+    plain = model.diffusion_loss(x0)
     per = model.last_timestep_losses[1]  # type: ignore[index]
     assert torch.equal(model.last_timestep_losses[0], torch.full((3,), 99))  # type: ignore[index]
     assert plain.item() == pytest.approx(per.mean().item(), rel=1e-6)
     sampler.weights = torch.tensor([2.0, 0.0, 1.0])
     model.diffusion_generator = torch.Generator().manual_seed(0)
-    weighted = model.diffusion_loss(model, x0)
+    weighted = model.diffusion_loss(x0)
     per = model.last_timestep_losses[1]  # type: ignore[index]
     assert weighted.item() == pytest.approx(((per * sampler.weights).mean()).item(), rel=1e-6)
     # an explicit t bypasses the sampler, so no importance weights
-    explicit = model.diffusion_loss(model, x0, t=torch.full((3,), 99))
+    explicit = model.diffusion_loss(x0, t=torch.full((3,), 99))
     assert explicit.item() == pytest.approx(model.last_timestep_losses[1].mean().item(), rel=1e-6)  # type: ignore[index]
 
 
@@ -753,7 +765,7 @@ def test_a_bad_sampler_output_is_refused() -> None:
 
     model.timestep_sampler = Bad()
     with pytest.raises(ValueError, match=r"timestep_sampler Bad.sample returned \(2,\); expected a LongTensor"):
-        model.sample_timesteps(2)
+        model.draw_timesteps(2)
 
 
 def test_scheduled_sampler_from_the_package_plugs_in() -> None:
@@ -762,78 +774,8 @@ def test_scheduled_sampler_from_the_package_plugs_in() -> None:
     model = bare(timesteps=100)
     model.timestep_sampler = UniformSampler()
     model.diffusion_generator = torch.Generator().manual_seed(5)
-    t = model.sample_timesteps(6)
+    t = model.draw_timesteps(6)
     assert torch.equal(t, torch.randint(0, 100, (6,), generator=torch.Generator().manual_seed(5)))
-
-
-# ------------------------------------------------------------------------------------ embedding, checkpointing
-def test_embed_timesteps_is_the_cached_core_embedding() -> None:
-    model = bare()
-    t = torch.tensor([0, 5, 99])
-    emb = model.embed_timesteps(t, 7)
-    assert torch.equal(emb, timestep_embedding(t, 7))
-    assert torch.equal(model.embed_timesteps(t, 8, max_period=100), timestep_embedding(t, 8, max_period=100))
-    assert set(model.state_dict()) == {"net.weight", "net.bias"}  # nothing added to the module
-    with pytest.raises(ValueError, match=r"dim=0 is out of range"):
-        model.embed_timesteps(t, 0)
-    model.to(torch.bfloat16)
-    assert model.embed_timesteps(t, 7).dtype == torch.float32
-
-
-class Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
-        self.drop = nn.Dropout(0.5)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.drop(torch.tanh(self.lin(x)))
-
-
-@pytest.mark.parametrize("use_reentrant", [False, True])
-def test_checkpointed_gives_the_same_gradients(use_reentrant: bool) -> None:
-    model = bare()
-    block = Block()
-    x = torch.randn(3, 4, requires_grad=True)
-    grads = []
-    for flag in (False, True):
-        model.use_checkpoint = flag
-        torch.manual_seed(0)
-        block.zero_grad()
-        x.grad = None
-        out = model.checkpointed(block, x, use_reentrant=use_reentrant)
-        out.square().sum().backward()
-        grads.append([x.grad.clone(), block.lin.weight.grad.clone(), block.lin.bias.grad.clone()])  # type: ignore[union-attr]
-    for a, b in zip(*grads, strict=True):
-        torch.testing.assert_close(a, b)
-
-
-def test_checkpointed_passes_the_right_parameters(monkeypatch: pytest.MonkeyPatch) -> None:
-    recorded: list[tuple[Any, ...]] = []
-
-    def fake(func: Any, inputs: Any, params: Any, flag: bool, *, use_reentrant: bool = True) -> Any:
-        recorded.append((tuple(params), flag, use_reentrant))
-        return func(*inputs)
-
-    monkeypatch.setattr(mixin_module, "_checkpoint", fake)
-    model = bare()
-    block = Block()
-    x = torch.randn(2, 4)
-    model.checkpointed(block, x)
-    assert recorded[-1] == ((), False, False)  # off: nothing to collect
-    model.use_checkpoint = True
-    model.checkpointed(block, x)
-    assert recorded[-1] == ((), True, False)  # non-reentrant (the default) needs no parameter list
-    model.checkpoint_use_reentrant = True
-    model.checkpointed(block, x)
-    assert recorded[-1][0] == tuple(block.parameters()) and recorded[-1][2] is True
-    model.checkpointed(block.forward, x)
-    assert recorded[-1][0] == tuple(block.parameters())
-    model.checkpointed(lambda y: model.net(y), torch.randn(1, 2, 1, 1))
-    assert recorded[-1][0] == tuple(model.parameters())
-    own = [block.lin.weight]
-    model.checkpointed(block, x, params=own)
-    assert recorded[-1][0] == (block.lin.weight,)
 
 
 # ------------------------------------------------------------------------------------------------- sampling
@@ -868,14 +810,16 @@ def test_unguided_sampling_equals_the_core_sampler(method: str) -> None:
     net = CondModel()
     x_T = torch.randn(2, 2, 3, 3, generator=torch.Generator().manual_seed(0))
     cond = torch.full((2, 2, 1, 1), 0.1)
-    got = model.ddim_sample(net, (2, 2, 3, 3), num_steps=10, method=method, cond=cond, x_T=x_T)
+    got = denoising_with(model, net).sample((2, 2, 3, 3), num_steps=10, method=method, cond=cond, x_T=x_T)
     expected = core_ddim_sample(
         lambda x, t: 0.3 * x + cond, x_T, model.alphas_cumprod, num_steps=10, method=method, parameterization="eps"
     )
     assert torch.equal(got, expected)  # type: ignore[arg-type]
     # guidance_scale=1 with an uncond: still one conditional forward per step, same result
     net.calls.clear()
-    again = model.ddim_sample(net, (2, 2, 3, 3), num_steps=10, method=method, cond=cond, uncond=0 * cond, x_T=x_T)
+    again = denoising_with(model, net).sample(
+        (2, 2, 3, 3), num_steps=10, method=method, cond=cond, uncond=0 * cond, x_T=x_T
+    )
     assert torch.equal(again, expected)  # type: ignore[arg-type]
     assert {c["batch"] for c in net.calls} == {2}
 
@@ -889,14 +833,12 @@ def test_classifier_free_guidance_combines_the_branches_each_step() -> None:
     null = torch.zeros(1, 2, 1, 1)  # batch 1: broadcast over the batch
     extra = torch.zeros(3, 5)
     s = 4.0
-    got, inter = model.ddim_sample(  # type: ignore[misc]
-        net,
+    got, inter = denoising_with(model, net).sample(  # type: ignore[misc]
         (3, 2, 3, 3),
         num_steps=8,
         guidance_scale=s,
-        cond={"cond": cond},
-        uncond={"cond": null},
-        model_kwargs={"extra": extra},
+        cond={"cond": cond, "extra": extra},
+        uncond={"cond": null, "extra": extra},
         x_T=x_T,
         return_intermediates=True,
     )
@@ -909,7 +851,7 @@ def test_classifier_free_guidance_combines_the_branches_each_step() -> None:
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     assert len(net.calls) == len(inter["x_inter"]) - 1 == 9  # "uniform": range(0, 100, 12) + 1, 9 steps
     assert {c["batch"] for c in net.calls} == {6} and {c["extra"] for c in net.calls} == {6}
-    assert not torch.allclose(got, model.ddim_sample(net, (3, 2, 3, 3), num_steps=8, cond=cond, x_T=x_T))  # type: ignore[arg-type]
+    assert not torch.allclose(got, denoising_with(model, net).sample((3, 2, 3, 3), num_steps=8, cond=cond, x_T=x_T))  # type: ignore[arg-type]
 
 
 def test_sampling_runs_in_eval_without_grad_and_restores_the_modes() -> None:
@@ -917,8 +859,12 @@ def test_sampling_runs_in_eval_without_grad_and_restores_the_modes() -> None:
     net = CondModel()
     net.train()
     torch.manual_seed(0)
-    a = model.ddim_sample(net, (2, 2, 3, 3), num_steps=5, eta=1.0, generator=torch.Generator().manual_seed(3))
-    b = model.ddim_sample(net, (2, 2, 3, 3), num_steps=5, eta=1.0, generator=torch.Generator().manual_seed(3))
+    a = denoising_with(model, net).sample(
+        (2, 2, 3, 3), num_steps=5, eta=1.0, generator=torch.Generator().manual_seed(3)
+    )
+    b = denoising_with(model, net).sample(
+        (2, 2, 3, 3), num_steps=5, eta=1.0, generator=torch.Generator().manual_seed(3)
+    )
     assert torch.equal(a, b)  # type: ignore[arg-type]
     assert net.training and all(c["grad"] is False and c["training"] is False for c in net.calls)
     assert all(c["autocast"] is False and c["dtype"] == torch.float32 for c in net.calls)  # no Trainer: plain
@@ -929,11 +875,15 @@ def test_sampling_runs_in_eval_without_grad_and_restores_the_modes() -> None:
     [
         ({"guidance_scale": 3.0, "cond": torch.zeros(2, 2, 1, 1)}, ValueError, r"guidance_scale=3 needs both cond"),
         ({"guidance_scale": 3.0, "uncond": torch.zeros(2, 2, 1, 1)}, ValueError, r"needs both cond and uncond"),
-        ({"cond": [1, 2]}, TypeError, r"cond must be a Tensor .*, got list"),
+        (
+            {"guidance_scale": 2.0, "cond": [1, 2], "uncond": [0, 0]},
+            TypeError,
+            r"cond\['cond'\]\[0\] and uncond\['cond'\]\[0\] must be tensors .*got int and int",
+        ),
         (
             {"guidance_scale": 2.0, "cond": {"cond": torch.zeros(2)}, "uncond": {"extra": torch.zeros(2)}},
             ValueError,
-            r"cond and uncond must name the same keywords",
+            r"cond\['cond'\] and uncond\['cond'\] must name the same keys, got \['cond'\] and \['extra'\]",
         ),
         (
             {"guidance_scale": 2.0, "cond": torch.zeros(3, 2, 1, 1), "uncond": torch.zeros(2, 2, 1, 1)},
@@ -949,7 +899,7 @@ def test_sampling_runs_in_eval_without_grad_and_restores_the_modes() -> None:
 def test_sampling_rejects_bad_arguments(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
     model = bare(timesteps=50)
     with pytest.raises(error, match=match):
-        model.ddim_sample(CondModel(), (2, 2, 3, 3), num_steps=5, **kwargs)
+        denoising_with(model, CondModel()).sample((2, 2, 3, 3), num_steps=5, **kwargs)
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true", "32-true"])
@@ -959,7 +909,7 @@ def test_sampling_from_a_callback_runs_under_the_trainer_precision(precision: st
 
     class SampleCallback(L.Callback):
         def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
-            results.append(pl_module.ddim_sample(net, (2, 2, 3, 3), num_steps=4))
+            results.append(denoising_with(pl_module, net).sample((2, 2, 3, 3), num_steps=4))
 
     model = Toy()
     make_trainer(precision=precision, max_steps=1, callbacks=[SampleCallback()]).fit(model)
@@ -998,7 +948,7 @@ def test_tiny_training_runs_the_hooks_and_saves_the_fingerprint(tmp_path: Any) -
     checkpoint = torch.load(path, weights_only=True)  # the fingerprint is plain data
     assert (
         checkpoint["lightning_ldm"]["schedule"]
-        == model.schedule_fingerprint
+        == model.noise_schedule.fingerprint
         == {
             "version": 1,
             "beta_schedule": "linear",
@@ -1013,7 +963,7 @@ def test_tiny_training_runs_the_hooks_and_saves_the_fingerprint(tmp_path: Any) -
     loaded = Toy.load_from_checkpoint(path, weights_only=True)
     assert torch.equal(loaded.net.weight, model.net.weight)
     assert loaded._trainer is None
-    sample = loaded.ddim_sample(loaded, (2, 2, 4, 4), num_steps=5)  # sampling without a Trainer
+    sample = loaded.sample((2, 2, 4, 4), num_steps=5)  # sampling without a Trainer
     assert sample.shape == (2, 2, 4, 4)  # type: ignore[union-attr]
 
 
@@ -1076,9 +1026,9 @@ def test_a_schedule_registered_after_loading_is_checked_then() -> None:
     with pytest.raises(ValueError, match=r"timesteps: checkpoint 100, model 20"):
         late.register_schedule(timesteps=20)
     late.register_schedule(timesteps=100)
-    assert late.num_timesteps == 100
+    assert late.noise_schedule.num_timesteps == 100  # type: ignore[union-attr]
     late.register_schedule(timesteps=20)  # once matched, re-registering is the user's business
-    assert late.num_timesteps == 20
+    assert late.noise_schedule.num_timesteps == 20  # type: ignore[union-attr]
 
 
 def test_fingerprint_floats_compare_with_tolerance_and_given_betas_by_hash() -> None:
@@ -1099,7 +1049,7 @@ def test_fingerprint_floats_compare_with_tolerance_and_given_betas_by_hash() -> 
 
 # ----------------------------------------------------------------------------- checkpointing through the Trainer
 class CheckpointedToy(Toy):
-    """Toy whose hidden block runs through ``self.checkpointed``; records the gradients of the first step."""
+    """Toy whose hidden block runs through ``lightning_ldm.checkpoint``; records the gradients of the first step."""
 
     def __init__(self, use_checkpoint: bool = False, reentrant: bool = False) -> None:
         super().__init__()
@@ -1114,8 +1064,10 @@ class CheckpointedToy(Toy):
         self.block[0].register_forward_hook(lambda m, i, o: self.block_dtype.append(o.dtype))
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        h = self.inp(x) + self.embed_timesteps(t, 8)[:, :, None, None]
-        return self.out(self.checkpointed(self.block, h))
+        h = self.inp(x) + timestep_embedding(t, 8)[:, :, None, None]
+        return self.out(
+            checkpoint(self.block, (h,), (), self.use_checkpoint, use_reentrant=self.checkpoint_use_reentrant)
+        )
 
     def on_train_start(self) -> None:
         self.diffusion_generator = torch.Generator().manual_seed(0)
@@ -1143,31 +1095,21 @@ def test_checkpointed_gradients_equal_under_bf16_mixed(reentrant: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------- README usage
-def test_embed_timesteps_caches_per_exact_max_period() -> None:
-    model = bare(timesteps=10)
+def test_timestep_embedding_caches_per_exact_max_period() -> None:
     t = torch.tensor([0, 3, 7])
-    first = model.embed_timesteps(t, 8, max_period=100.9)
-    second = model.embed_timesteps(t, 8, max_period=100.2)
-    assert torch.equal(first, timestep_embedding(t, 8, max_period=100.9))
-    assert torch.equal(second, timestep_embedding(t, 8, max_period=100.2))
+    first = timestep_embedding(t, 8, max_period=100.9)
+    second = timestep_embedding(t, 8, max_period=100.2)
+    assert torch.equal(first, compvis.timestep_embedding(t, 8, 100.9))
+    assert torch.equal(second, compvis.timestep_embedding(t, 8, 100.2))
     with pytest.raises(ValueError, match=r"dim=0 is out of range; expected an integer >= 1"):
-        model.embed_timesteps(t, 0)
+        timestep_embedding(t, 0)
     with pytest.raises(ValueError, match=r"max_period=-1 is out of range"):
-        model.embed_timesteps(t, 8, max_period=-1)
+        timestep_embedding(t, 8, max_period=-1)
 
 
 def test_zero_terminal_snr_with_eps_warns_at_registration() -> None:
     with pytest.warns(UserWarning, match=r"zero_terminal_snr=True, parameterization='eps'.*parameterization='v'"):
         bare(timesteps=100, zero_terminal_snr=True, parameterization="eps")
-
-
-def test_vlb_weights_formula_is_a_deprecated_alias() -> None:
-    from lightning_ldm.noise_schedule import vlb_weights
-
-    tables = ref_tables(ref_betas("linear", 50))
-    with pytest.warns(DeprecationWarning, match=r"vlb_weights_formula is deprecated; use .*noise_schedule.vlb_weights"):
-        got = DiffusionMixin.vlb_weights_formula(tables, "eps")
-    np.testing.assert_array_equal(got, vlb_weights(tables, "eps"))
 
 
 # --------------------------------------------------- shapes are integers, never truncated (issue 13, point 7)
@@ -1180,9 +1122,9 @@ def test_vlb_weights_formula_is_a_deprecated_alias() -> None:
         ("2244", r"shape must be a sequence of positive integers, got str"),
     ],
 )
-def test_ddim_sample_refuses_a_shape_of_non_integers(shape: Any, match: str) -> None:
+def test_sample_refuses_a_shape_of_non_integers(shape: Any, match: str) -> None:
     model = Toy(timesteps=10)
     with pytest.raises(TypeError, match=match):
-        model.ddim_sample(model, shape, num_steps=2)
-    out = model.ddim_sample(model, torch.Size([2, 2, 4, 4]), num_steps=2)  # a torch.Size is a sequence of ints
+        model.sample(shape, num_steps=2)
+    out = model.sample(torch.Size([2, 2, 4, 4]), num_steps=2)  # a torch.Size is a sequence of ints
     assert isinstance(out, Tensor) and out.shape == (2, 2, 4, 4)

@@ -52,10 +52,10 @@ class GridDenoiser(DiffusionMixin, L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         self.frozen.eval()
-        return self.diffusion_loss(self, batch[0])
+        return self.diffusion_loss(batch[0])
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self.diffusion_loss(self, batch[0])
+        return self.diffusion_loss(batch[0])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr)
@@ -105,7 +105,7 @@ def by_hand(state: dict[str, Tensor], noise: Tensor, eta: float = 0.0, seed: int
     model = GridDenoiser(width=noise.shape[-1])
     model.load_state_dict(state)
     generator = torch.Generator().manual_seed(derive_seed(seed, 1))
-    out = model.ddim_sample(model, noise.shape, num_steps=5, x_T=noise, eta=eta, generator=generator, **kwargs)
+    out = model.sample(noise.shape, num_steps=5, x_T=noise, eta=eta, generator=generator, **kwargs)
     assert isinstance(out, Tensor)
     return out.float()
 
@@ -158,11 +158,11 @@ def test_noise_is_fixed_float32_from_the_seed() -> None:
     assert torch.equal(SampleLogger(IMAGE, seed=7).noise, expected)
 
 
-def test_module_without_ddim_sample_is_refused() -> None:
+def test_module_without_the_mixin_is_refused() -> None:
     class Plain(L.LightningModule):
         pass
 
-    with pytest.raises(TypeError, match=r"SampleLogger needs a module with ddim_sample .*got Plain"):
+    with pytest.raises(TypeError, match=r"SampleLogger needs a module that mixes in DiffusionMixin, got Plain"):
         SampleLogger(IMAGE).setup(make_trainer(), Plain(), "fit")
 
 
@@ -322,14 +322,15 @@ def test_warns_when_listed_before_the_averaging_callback() -> None:
 
 # ------------------------------------------------------------------------------------- denoiser and first stage
 class WithApplyModel(GridDenoiser):
-    def apply_model(self, x: Tensor, t: Tensor) -> Tensor:
+    def apply_model(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         return 0.5 * self(x, t)
 
 
 class WithFirstStage(GridDenoiser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.first_stage = nn.Identity()
+    """Decodes its samples in ``sample`` (what a module with a first stage does; LatentDiffusionMixin's own)."""
+
+    def sample(self, shape: Any, **options: Any) -> Any:
+        return self.decode_first_stage(super().sample(shape, **options))  # type: ignore[arg-type]
 
     def decode_first_stage(self, z: Tensor) -> Tensor:
         return torch.tanh(z.repeat_interleave(2, dim=-1).repeat_interleave(2, dim=-2))
@@ -341,7 +342,7 @@ def test_apply_model_and_first_stage_decoding() -> None:
     fit(model, [logger], max_steps=2, limit_val_batches=0)
     model.load_state_dict(logger.states[0])
     gen = torch.Generator().manual_seed(derive_seed(0, 1))
-    expected = model.ddim_sample(model.apply_model, IMAGE, num_steps=5, x_T=logger.noise, generator=gen)
+    expected = model.sample(IMAGE, num_steps=5, x_T=logger.noise, generator=gen)
     assert torch.equal(logger.samples[0], expected)
     assert not torch.allclose(logger.samples[0], by_hand(logger.states[0], logger.noise))
 
@@ -377,8 +378,8 @@ def test_guidance_passes_cond_and_uncond() -> None:
     fresh = Conditional()
     fresh.load_state_dict(logger.states[0])
     gen = torch.Generator().manual_seed(derive_seed(0, 1))
-    expected = fresh.ddim_sample(
-        fresh, IMAGE, num_steps=5, x_T=logger.noise, generator=gen, guidance_scale=2.0, cond=cond, uncond=uncond
+    expected = fresh.sample(
+        IMAGE, num_steps=5, x_T=logger.noise, generator=gen, guidance_scale=2.0, cond=cond, uncond=uncond
     )
     assert torch.equal(logger.samples[0], expected)
 
