@@ -13,10 +13,17 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from lightning_ldm.callbacks import AlphaBlenderMonitor, GradientCheckpointing, ScheduleCallback, TimestepLossMonitor
-from lightning_ldm.callbacks.schedule import DEFAULT_SEED, derive_seed
+from lightning_ldm.callbacks import (
+    AlphaBlenderMonitor,
+    DiffusionSeedCallback,
+    GradientCheckpointing,
+    ScheduleCallback,
+    TimestepLossMonitor,
+)
+from lightning_ldm.callbacks.diffusion_seed import DEFAULT_SEED
 from lightning_ldm.compat import CompVisCompat
 from lightning_ldm.mixin import DiffusionMixin
+from lightning_ldm.seeding import derive_seed
 from lightning_ldm.timestep_samplers import LogitNormalSampler, LossAwareSampler, UniformSampler
 from tests.lightning_helpers import RecordingLogger, TinyDenoiser, make_loader, make_trainer
 
@@ -30,66 +37,58 @@ def _linear_log_snr(n_steps: int, start: float = 1e-4, end: float = 2e-2) -> np.
     return np.log(abar / (1 - abar))
 
 
-# =========================================================================================== ScheduleCallback
+# ====================================================================================== DiffusionSeedCallback
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
         ({"seed": -1}, ValueError, "seed=-1 is out of range"),
         ({"seed": 1.5}, TypeError, "seed must be an integer"),
-        ({"sampler": "bogus"}, ValueError, "sampler='bogus' is not supported; expected one of 'uniform', 'loss_aware'"),
         (
-            {"sampler": 3},
-            TypeError,
-            r"sampler must be one of 'uniform', 'loss_aware', 'logit_normal' or a TimestepSampler instance, got 3 of "
-            r"type int \(the seed is the second argument: pass seed=...\)",
-        ),
-        ({"sampler": None}, TypeError, "sampler must be one of .* got None of type NoneType$"),
-        ({"num_buckets": 5}, TypeError, r"ScheduleCallback\(num_buckets=...\) moved to TimestepLossMonitor\(num_bu"),
-        ({"log_every_n_steps": 5}, TypeError, r"moved to TimestepLossMonitor\(log_every_n_steps=...\); add lightn"),
-        ({"log_snr_curve": False}, TypeError, r"log_snr_curve=...\) moved to TimestepLossMonitor\(log_schedule="),
-        ({"bogus": 1}, TypeError, "ScheduleCallback got an unexpected keyword argument 'bogus'"),
-        (
-            {"sampler": LossAwareSampler(), "loss_aware_history": 2},
-            TypeError,
-            r"loss_aware_history cannot be combined with a sampler instance \(LossAwareSampler\(",
-        ),
-        (
-            {"sampler": "uniform", "logit_normal_std": 2.0},
+            {"timestep_sampler": "bogus"},
             ValueError,
-            "logit_normal_std applies to sampler='logit_normal' only, got sampler='uniform'",
+            "timestep_sampler='bogus' is not supported; expected one of 'uniform', 'loss_aware'",
         ),
+        (
+            {"timestep_sampler": 3},
+            TypeError,
+            r"timestep_sampler must be one of 'uniform', 'loss_aware', 'logit_normal' or a TimestepSampler instance, "
+            r"got 3 of type int \(the seed is the second argument: pass seed=...\)",
+        ),
+        ({"timestep_sampler": None}, TypeError, "timestep_sampler must be one of .* got None of type NoneType$"),
+        # the signature is explicit (LightningCLI shows it): the former options are plain unknown keywords now
+        ({"num_buckets": 5}, TypeError, r"unexpected keyword argument 'num_buckets'"),
+        ({"logit_normal_std": 2.0}, TypeError, r"unexpected keyword argument 'logit_normal_std'"),
     ],
 )
-def test_schedule_callback_bad_arguments(kwargs: dict, error: type, match: str) -> None:
+def test_seed_callback_bad_arguments(kwargs: dict, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
-        ScheduleCallback(**kwargs)
+        DiffusionSeedCallback(**kwargs)
 
 
-def test_schedule_callback_builds_default_samplers_from_names() -> None:
-    assert isinstance(ScheduleCallback().sampler, UniformSampler)
-    aware = ScheduleCallback("loss_aware").sampler
+def test_seed_callback_builds_default_samplers_from_names() -> None:
+    assert isinstance(DiffusionSeedCallback().sampler, UniformSampler)
+    aware = DiffusionSeedCallback("loss_aware").sampler
     assert isinstance(aware, LossAwareSampler) and (aware.history_per_term, aware.uniform_prob) == (10, 0.001)
-    normal = ScheduleCallback(sampler="logit_normal").sampler
+    normal = DiffusionSeedCallback(timestep_sampler="logit_normal").sampler
     assert isinstance(normal, LogitNormalSampler) and (normal.mean, normal.std) == (0.0, 1.0)
     mine = LogitNormalSampler(mean=0.5)
-    cb = ScheduleCallback(mine, 7)
+    cb = DiffusionSeedCallback(mine, 7)
     assert cb.sampler is mine and cb.seed == 7
 
 
-def test_schedule_callback_deprecated_sampler_options_still_build_the_sampler() -> None:
-    with pytest.warns(
-        DeprecationWarning,
-        match=r"ScheduleCallback\(loss_aware_history=..., loss_aware_uniform_prob=...\) is deprecated; pass "
-        r"sampler=LossAwareSampler\(history_per_term=3, uniform_prob=0.2\) instead",
-    ):
-        aware = ScheduleCallback(sampler="loss_aware", loss_aware_history=3, loss_aware_uniform_prob=0.2).sampler
-    assert isinstance(aware, LossAwareSampler) and (aware.history_per_term, aware.uniform_prob) == (3, 0.2)
-    with pytest.warns(DeprecationWarning, match=r"pass sampler=LogitNormalSampler\(mean=0.5, std=2.0\) instead"):
-        normal = ScheduleCallback(sampler="logit_normal", logit_normal_mean=0.5, logit_normal_std=2.0).sampler
-    assert isinstance(normal, LogitNormalSampler) and (normal.mean, normal.std) == (0.5, 2.0)
-    # validated once, by the sampler, after the deprecation warning
-    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="std=0 is out of range"):
-        ScheduleCallback(sampler="logit_normal", logit_normal_std=0.0)
+def test_schedule_callback_is_a_deprecated_alias() -> None:
+    mine = LossAwareSampler()
+    with pytest.warns(DeprecationWarning, match=r"ScheduleCallback is renamed DiffusionSeedCallback \(its sampler="):
+        old = ScheduleCallback(sampler=mine, seed=3)
+    assert isinstance(old, DiffusionSeedCallback) and old.sampler is mine and old.seed == 3
+
+
+def test_seed_callback_signature_is_explicit() -> None:
+    import inspect
+
+    for cls in (DiffusionSeedCallback, ScheduleCallback):
+        kinds = {p.kind for p in inspect.signature(cls.__init__).parameters.values()}
+        assert inspect.Parameter.VAR_KEYWORD not in kinds and inspect.Parameter.VAR_POSITIONAL not in kinds
 
 
 class _Plain(L.LightningModule):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_ldm.callbacks import ScheduleCallback, TimestepLossMonitor
-from lightning_ldm.callbacks.schedule import derive_seed
+from lightning_ldm.seeding import derive_seed
 from lightning_ldm.timestep_samplers import LossAwareSampler, UniformSampler
 from tests.lightning_helpers import RankRecorder, make_loader, make_trainer
 

@@ -16,9 +16,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ldm.callbacks.sample_logger import SampleLogger, averaged_module
-from lightning_ldm.callbacks.schedule import derive_seed
 from lightning_ldm.media import image_grid, to_uint8, video_grid
 from lightning_ldm.mixin import DiffusionMixin
+from lightning_ldm.seeding import derive_seed
 from tests.lightning_helpers import make_trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
@@ -555,8 +555,8 @@ def test_bf16_true_converts_the_conditions_like_the_noise() -> None:  # 8: bf16-
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # what the "bf16-true" forward context does
     try:
-        expected = fresh.ddim_sample(
-            None, IMAGE, x_T=logger.noise.to(torch.bfloat16), generator=gen, cond=to_bf16, uncond=null_bf16, **options
+        expected = fresh.sample(
+            IMAGE, x_T=logger.noise.to(torch.bfloat16), generator=gen, cond=to_bf16, uncond=null_bf16, **options
         )
     finally:
         torch.set_default_dtype(default)
@@ -642,7 +642,7 @@ def test_layout_check_leaves_an_overridden_sample_alone() -> None:
 class NaNAtSampling(GridDenoiser):
     """The denoiser the sampler calls returns NaN for the first sample (training is unaffected)."""
 
-    def apply_model(self, x: Tensor, t: Tensor) -> Tensor:
+    def apply_model(self, x: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         out = self(x, t).clone()
         out[0] = float("nan")
         return out
