@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ldm.callbacks import ScheduleCallback
 from lightning_ldm.callbacks.sample_logger import SampleLogger
+from lightning_ldm.compat import CompVisCompat
 from lightning_ldm.embedding import SinusoidalTimestepEmbedding
 from lightning_ldm.latent import LatentDiffusionMixin
 from lightning_ldm.seeding import derive_seed
@@ -114,7 +115,7 @@ class LDM(LatentDiffusionMixin, L.LightningModule):
         assert self.first_stage is not None
         self.records["x"].append(x.detach().clone())
         self.records["ae_training"].append([m.training for m in self.first_stage.autoencoder.modules()])
-        loss = self.latent_diffusion_loss(x, cond=self.class_embed(labels)[:, None, :])
+        loss = self.diffusion_loss(x, cond=self.class_embed(labels)[:, None, :])
         self.records["scale"].append(self.first_stage.scale)
         return loss
 
@@ -538,7 +539,7 @@ def test_apply_model_refuses_what_compvis_misroutes(key: str | None, cond: Any, 
 
 
 def test_apply_model_takes_no_extra_keywords() -> None:
-    with pytest.raises(TypeError, match=r"apply_model takes no keyword arguments besides cond; got \['mask'\]"):
+    with pytest.raises(TypeError, match=r"apply_model\(\) got an unexpected keyword argument 'mask'"):
         Bare("crossattn").apply_model(torch.zeros(2, Z, 4, 4), torch.tensor([1, 2]), torch.zeros(2, 1, CTX), mask=1)
 
 
@@ -609,8 +610,11 @@ def test_sample_logger_interval_below_one_is_refused() -> None:
 def test_sample_without_a_first_stage_and_intermediates() -> None:
     with pytest.raises(RuntimeError, match=r"Bare has no first stage: call self.register_first_stage"):
         Bare(None).decode_first_stage(torch.zeros(1, Z, 4, 4))
-    with pytest.raises(ValueError, match=r"sample\(\) returns the final samples only"):
-        LDM().sample((1, Z, 4, 4), return_intermediates=True)
+    # intermediates (latents) come back with the decoded samples
+    model = LDM(None)
+    images, intermediates = model.sample((1, Z, 4, 4), num_steps=5, return_intermediates=True)  # type: ignore[misc]
+    assert images.shape == (1, 3, 8, 8) and intermediates["x_inter"][-1].shape == (1, Z, 4, 4)
+    assert torch.equal(images, model.decode_first_stage(intermediates["x_inter"][-1]))
 
 
 # ------------------------------------------------------------------------- CompVis' DDIMSampler, run unchanged
@@ -674,12 +678,18 @@ class CompVisDDIMSampler:
         return a_prev.sqrt() * pred_x0 + dir_xt
 
 
+class CompVisLDM(CompVisCompat, LDM):
+    """``LDM`` with CompVis' names (``num_timesteps``, the tables, ``parameterization``) that its sampler reads."""
+
+
 @pytest.mark.parametrize("parameterization", ["eps", "v"])
 @pytest.mark.parametrize(("key", "timesteps", "steps", "scale"), [("hybrid", 1000, 50, 3.0), ("crossattn", T, 5, 1.0)])
 def test_compvis_ddim_sampler_runs_against_the_mixin(
     key: str, timesteps: int, steps: int, scale: float, parameterization: str
 ) -> None:
-    model = LDM(key, timesteps=timesteps, parameterization=parameterization, linear_start=0.00085, linear_end=0.012)
+    model = CompVisLDM(
+        key, timesteps=timesteps, parameterization=parameterization, linear_start=0.00085, linear_end=0.012
+    )
     model.eval()
     g = torch.Generator().manual_seed(11)
     x_T = torch.randn(3, Z, 4, 4, generator=g)

@@ -333,6 +333,13 @@ class Tiny(DiffusionMixin, L.LightningModule):
         return self.lin(x)
 
 
+class ZeroPredictor(Tiny):
+    """A network that predicts zeros: its loss is the mean square of the target."""
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        return torch.zeros_like(x)
+
+
 EMPTY = torch.zeros(0, 2)
 SCHEDULES_T2 = [
     {"timesteps": 2},
@@ -345,43 +352,46 @@ SCHEDULES_T2 = [
 @pytest.mark.parametrize("schedule", SCHEDULES_T2, ids=str)
 def test_mixin_on_two_timesteps(schedule: dict[str, Any]) -> None:
     model = Tiny(**schedule)
-    assert model.num_timesteps == 2 and model.alphas_cumprod.shape == (2,) and finite(model.lvlb_weights)
+    ns = model.noise_schedule
+    assert ns is not None
+    assert ns.num_timesteps == 2 and ns.table("alphas_cumprod").shape == (2,) and finite(ns.table("lvlb_weights"))
     x = torch.full((1, 2), 0.5)
     for weighting in ("none", "min_snr", "vlb"):
-        loss = model.diffusion_loss(model, x, loss_weighting=weighting)
+        loss = model.diffusion_loss(x, loss_weighting=weighting)
         assert loss.shape == () and finite(loss)
     # a model that predicts zeros: the loss is the mean square of the target
     t, noise = torch.tensor([1]), torch.full((1, 2), 2.0)
-    target = {"eps": noise, "x0": x, "v": model.get_v(x, noise, t)}[model.parameterization]
-    loss = model.diffusion_loss(lambda a, s: torch.zeros_like(a), x, t=t, noise=noise)
+    target = {"eps": noise, "x0": x, "v": ns.get_v(x, noise, t)}[ns.parameterization]
+    loss = ZeroPredictor(**schedule).diffusion_loss(x, t=t, noise=noise)
     torch.testing.assert_close(loss, target.square().mean())
-    assert model.q_sample(x, t).shape == (1, 2)
-    assert model.sample_timesteps(0).shape == (0,) and set(model.sample_timesteps(32).tolist()) <= {0, 1}
-    assert torch.equal(model.embed_timesteps(torch.tensor([0, 1]), 1), torch.zeros(2, 1))
+    assert ns.q_sample(x, t, model.draw_noise(x)).shape == (1, 2)
+    assert model.draw_timesteps(0).shape == (0,) and set(model.draw_timesteps(32).tolist()) <= {0, 1}
+    assert torch.equal(ldm.timestep_embedding(torch.tensor([0, 1]), 1), torch.zeros(2, 1))
     for method in ("uniform", "linspace", "trailing"):
-        sample = model.ddim_sample(model, (1, 2), num_steps=1, method=method)
+        sample = model.sample((1, 2), num_steps=1, method=method)
         assert isinstance(sample, Tensor) and sample.shape == (1, 2) and finite(sample)
 
 
 @pytest.mark.parametrize(
     ("call", "match"),
     [
-        (lambda m: m.diffusion_loss(m, torch.zeros(0, 2)), r"x_start must hold at least one sample .* shape \(0, 2\)"),
-        (lambda m: m.diffusion_loss(m, torch.zeros(1, 0)), r"x_start must hold at least one sample .* shape \(1, 0\)"),
+        (lambda m: m.diffusion_loss(torch.zeros(0, 2)), r"x_start must hold at least one sample .* shape \(0, 2\)"),
+        (lambda m: m.diffusion_loss(torch.zeros(1, 0)), r"x_start must hold at least one sample .* shape \(1, 0\)"),
         (
-            lambda m: m.diffusion_loss(
-                m, torch.zeros(0, 2), t=torch.zeros(0, dtype=torch.long), noise=torch.zeros(0, 2)
-            ),
+            lambda m: m.diffusion_loss(torch.zeros(0, 2), t=torch.zeros(0, dtype=torch.long), noise=torch.zeros(0, 2)),
             r"x_start must hold at least one sample",
         ),
-        (lambda m: m.ddim_sample(m, (0, 2), num_steps=1), r"shape must start with a positive batch size, got \(0, 2\)"),
         (
-            lambda m: m.ddim_sample(m, (1, 2), num_steps=0),
+            lambda m: m.sample((0, 2), num_steps=1),
+            r"shape must be a non-empty shape of positive sizes, batch first, got \(0, 2\)",
+        ),
+        (
+            lambda m: m.sample((1, 2), num_steps=0),
             r"num_steps=0 is out of range; expected an integer in \[1, 2\]",
         ),
         (lambda m: m.register_schedule(timesteps=1), r"timesteps=1 is out of range; expected an integer >= 2"),
         (lambda m: m.register_schedule(given_betas=[0.5]), r"given_betas must be a 1-D array of at least 2"),
-        (lambda m: m.embed_timesteps(torch.tensor([0]), 0), r"dim=0 is out of range; expected an integer >= 1"),
+        (lambda m: ldm.timestep_embedding(torch.tensor([0]), 0), r"dim=0 is out of range; expected an integer >= 1"),
     ],
 )
 def test_mixin_sizes_refused(call: Callable[[Tiny], Any], match: str) -> None:
@@ -411,7 +421,7 @@ def test_fit_on_two_timesteps_with_batch_one(sampler: str) -> None:
     assert trainer.global_step == 3 and len(model.recorded) == 3
     for t, per_sample in model.recorded:
         assert t.shape == per_sample.shape == (1,) and int(t) in (0, 1) and finite(per_sample)
-    sample = model.ddim_sample(model.net, (1, 8), num_steps=1, method="trailing")
+    sample = model.sample((1, 8), num_steps=1, method="trailing")
     assert isinstance(sample, Tensor) and sample.shape == (1, 8) and finite(sample)
 
 
