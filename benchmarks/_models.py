@@ -34,6 +34,8 @@ class ConvDenoiser(nn.Module):
 class LitDenoiser(DiffusionMixin, L.LightningModule):
     """The same network trained through ``DiffusionMixin.diffusion_loss`` (eps target, plain L2)."""
 
+    denoiser_name = "net"
+
     def __init__(self, width: int = 64, blocks: int = 3, timesteps: int = 1000, lr: float = 1e-4) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -42,7 +44,7 @@ class LitDenoiser(DiffusionMixin, L.LightningModule):
         self.lr = lr
 
     def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
-        return self.diffusion_loss(self.net, batch[0])
+        return self.diffusion_loss(batch[0])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.net.parameters(), lr=self.lr)

@@ -5,7 +5,7 @@
 latents are scaled by ``1/std`` of the first training batch's latents, as CompVis' ``LatentDiffusion``); the class
 label is its condition under CompVis' ``"adm"`` key (``apply_model`` calls ``self.model(x, t, y=label)``), dropped to
 the null class ``NUM_CLASSES`` with probability ``p_uncond`` during training (what classifier-free guidance needs);
-it trains with :meth:`~lightning_ldm.latent.LatentDiffusionMixin.latent_diffusion_loss` and samples with DDIM and
+it trains with :meth:`~lightning_ldm.latent.LatentDiffusionMixin.diffusion_loss` and samples with DDIM and
 guidance through :meth:`~lightning_ldm.latent.LatentDiffusionMixin.sample`.
 """
 
@@ -139,7 +139,7 @@ class LatentDenoiser(LatentDiffusionMixin, L.LightningModule):
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         images, labels = batch
-        loss = self.latent_diffusion_loss(images, cond=labels, loss_weighting=self.hparams["loss_weighting"])
+        loss = self.diffusion_loss(images, labels, loss_weighting=self.hparams["loss_weighting"])
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

@@ -323,9 +323,8 @@ class VideoDenoiser(DiffusionMixin, L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """One diffusion loss on a batch of clips (one timestep per clip, shared by its frames)."""
         loss = self.diffusion_loss(
-            self.net,
             batch["video"],
-            model_kwargs={"image_only_indicator": batch["image_only_indicator"]},
+            {"image_only_indicator": batch["image_only_indicator"]},
             loss_weighting=self.hparams["loss_weighting"],
         )
         self.log("train/loss", loss, prog_bar=True)
@@ -334,12 +333,11 @@ class VideoDenoiser(DiffusionMixin, L.LightningModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         """Denoising loss at the fixed timestep grid with fixed noise (unweighted, comparable across runs)."""
         self.fixed_timestep_loss(
-            self.net,
             batch["video"],
             self.hparams["eval_timesteps"],
+            {"image_only_indicator": batch["image_only_indicator"]},
             batch_index=batch_idx,
             seed=self.hparams["eval_seed"],
-            model_kwargs={"image_only_indicator": batch["image_only_indicator"]},
         )
 
     @torch.no_grad()
@@ -365,17 +363,16 @@ class VideoDenoiser(DiffusionMixin, L.LightningModule):
             ``(N, T, C, H, W)`` samples on the module's device, in the module's dtype.
         """
         video = torch.zeros(shape[:2], dtype=torch.bool, device=self.device)
-        samples = self.ddim_sample(
-            self.net,
+        samples = self.sample(
             shape,
             num_steps=num_steps,
             method=method,
             eta=eta,
             generator=generator,
-            model_kwargs={"image_only_indicator": video},
+            cond={"image_only_indicator": video},
         )
         if not isinstance(samples, Tensor):  # only with return_intermediates=True, which is not asked for
-            raise TypeError(f"ddim_sample returned {type(samples).__name__}, expected a tensor")
+            raise TypeError(f"sample returned {type(samples).__name__}, expected a tensor")
         return samples
 
     def configure_optimizers(self) -> Any:
