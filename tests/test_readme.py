@@ -31,7 +31,7 @@ def test_readme_usage_block_runs(tmp_path: Path, monkeypatch) -> None:
     assert trainer.global_step == 20
     assert samples.shape == (4, 3, 16, 16) and torch.isfinite(samples).all()
     # bf16-mixed did not touch the tables; the checkpointing callback undid itself after fit
-    assert model.alphas_cumprod.dtype == torch.float32
+    assert model.noise_schedule.table("alphas_cumprod", model.device).dtype == torch.float32
     assert model.block.forward.__func__ is type(model.block).forward
 
 
