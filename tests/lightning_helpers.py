@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_ldm.compat import CompVisCompat
 from lightning_ldm.mixin import DiffusionMixin
 
 
@@ -66,6 +67,10 @@ class TinyDenoiser(DiffusionMixin, L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams["lr"])
+
+
+class CompVisTinyDenoiser(CompVisCompat, TinyDenoiser):
+    """``TinyDenoiser`` with CompVis' names: the schedule tables as attributes, CompVis state dicts with tables load."""
 
 
 def make_loader(n: int = 32, dim: int = 8, batch_size: int = 8, seed: int = 0) -> DataLoader:

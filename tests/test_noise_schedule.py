@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from lightning_ldm.noise_schedule import SCHEDULE_TABLES, NoiseSchedule, vlb_weights
 from lightning_ldm.schedule_config import FINGERPRINT_VERSION, ScheduleConfig, fingerprint_difference
 from tests import compvis_reference as compvis
-from tests.lightning_helpers import TinyDenoiser
+from tests.lightning_helpers import CompVisTinyDenoiser
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEDULE_NAMES = ("linear", "cosine", "squaredcos_cap_v2", "sqrt_linear", "sqrt")
@@ -669,7 +669,7 @@ def test_a_nan_in_a_stored_table_is_refused() -> None:
 
 # ------------------------------------------------------------------------------------ through load_state_dict
 def compvis_state_dict(model: nn.Module, dtype: torch.dtype, prefix: str = "") -> dict[str, Tensor]:
-    """``model``'s weights plus the CompVis buffers of TinyDenoiser's schedule, exported at ``dtype``."""
+    """``model``'s weights plus the CompVis buffers of CompVisTinyDenoiser's schedule, exported at ``dtype``."""
     state = {prefix + k: v for k, v in model.state_dict().items()}
     betas = compvis.make_beta_schedule("linear", 20)
     for name, table in compvis_float32(betas).items():
@@ -681,31 +681,31 @@ def compvis_state_dict(model: nn.Module, dtype: torch.dtype, prefix: str = "") -
 @pytest.mark.parametrize("dtype", list(HALF_CASTS))
 @pytest.mark.parametrize("strict", [True, False])
 def test_mixin_loads_compvis_state_dicts_with_half_tables(dtype: torch.dtype, strict: bool) -> None:
-    source = TinyDenoiser()
+    source = CompVisTinyDenoiser()
     with torch.no_grad():
         for p in source.parameters():
             p.add_(1.0)
     state = compvis_state_dict(source, dtype)
-    target = TinyDenoiser()
+    target = CompVisTinyDenoiser()
     result = target.load_state_dict(state, strict=strict)
     assert result.missing_keys == [] and result.unexpected_keys == []
     for name, p in target.named_parameters():
         assert torch.equal(p, source.get_parameter(name)), name
     assert target.alphas_cumprod.dtype == torch.float32  # the tables are ours, not the stored ones
-    assert torch.equal(target.alphas_cumprod, TinyDenoiser().alphas_cumprod)
+    assert torch.equal(target.alphas_cumprod, CompVisTinyDenoiser().alphas_cumprod)
 
 
 @pytest.mark.parametrize("strict", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_mixin_refuses_a_differing_half_table_even_when_not_strict(strict: bool, dtype: torch.dtype) -> None:
-    source = TinyDenoiser()
+    source = CompVisTinyDenoiser()
     with torch.no_grad():
         for p in source.parameters():
             p.mul_(-1.0)
     state = compvis_state_dict(source, dtype)
     state["sqrt_one_minus_alphas_cumprod"] = state["sqrt_one_minus_alphas_cumprod"].clone()
     state["sqrt_one_minus_alphas_cumprod"][5] *= 1.1
-    target = TinyDenoiser()
+    target = CompVisTinyDenoiser()
     with pytest.raises(
         RuntimeError,
         match=rf"schedule table 'sqrt_one_minus_alphas_cumprod' differs at {dtype} precision \(the dtype it was "
@@ -715,17 +715,17 @@ def test_mixin_refuses_a_differing_half_table_even_when_not_strict(strict: bool,
     target.check_schedule_on_load = False
     target.load_state_dict(state, strict=strict)  # opted out: the weights load, the table is dropped
     assert torch.equal(target.net.out.weight, source.net.out.weight)
-    assert torch.equal(target.sqrt_one_minus_alphas_cumprod, TinyDenoiser().sqrt_one_minus_alphas_cumprod)
+    assert torch.equal(target.sqrt_one_minus_alphas_cumprod, CompVisTinyDenoiser().sqrt_one_minus_alphas_cumprod)
 
 
 def test_nested_mixin_checks_its_own_prefix() -> None:
     """A LatentDiffusion-like wrapper: the mixin module sits under ``model.`` and its tables under that prefix."""
-    wrapper = nn.ModuleDict({"model": TinyDenoiser()})
+    wrapper = nn.ModuleDict({"model": CompVisTinyDenoiser()})
     state = compvis_state_dict(wrapper["model"], torch.float16, prefix="model.")
-    assert nn.ModuleDict({"model": TinyDenoiser()}).load_state_dict(state, strict=True).unexpected_keys == []
+    assert nn.ModuleDict({"model": CompVisTinyDenoiser()}).load_state_dict(state, strict=True).unexpected_keys == []
     state["model.betas"] = torch.flip(state["model.betas"], [0])
     with pytest.raises(RuntimeError, match=r"schedule table 'model.betas' differs at torch.float16 precision"):
-        nn.ModuleDict({"model": TinyDenoiser()}).load_state_dict(state, strict=False)
+        nn.ModuleDict({"model": CompVisTinyDenoiser()}).load_state_dict(state, strict=False)
 
 
 # ====================================================================== plain PyTorch, with Lightning unimportable
