@@ -15,6 +15,7 @@ from lightning_ldm.conditioning import CONDITIONING_KEYS, apply_conditioned, as_
 from lightning_ldm.config import ConfigImportError, HybridConditioner, get_obj_from_str, instantiate_from_config
 from lightning_ldm.ddim import DDIMMethod, ddim_sample, ddim_step, make_ddim_sampling_parameters, make_ddim_timesteps
 from lightning_ldm.embedding import SinusoidalTimestepEmbedding, timestep_embedding
+from lightning_ldm.features import InceptionFeatures, RandomConvFeatures
 from lightning_ldm.first_stage import FirstStage
 from lightning_ldm.guidance import guided_model
 from lightning_ldm.interop import from_diffusers_config, to_diffusers_config
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
         AlphaBlenderMonitor,
         GradientCheckpointing,
         SampleLogger,
+        SampleQualityMonitor,
         ScheduleCallback,
         TimestepLossMonitor,
     )
@@ -53,6 +55,7 @@ _LAZY = {
     "DiffusionMixin": "lightning_ldm.mixin",
     "LatentDiffusionMixin": "lightning_ldm.latent",
     "SampleLogger": "lightning_ldm.callbacks",
+    "SampleQualityMonitor": "lightning_ldm.callbacks",
     "ScheduleCallback": "lightning_ldm.callbacks",
     "TimestepLossMonitor": "lightning_ldm.callbacks",
     "GradientCheckpointing": "lightning_ldm.callbacks",
@@ -80,11 +83,14 @@ __all__ = [
     "FirstStage",
     "GradientCheckpointing",
     "HybridConditioner",
+    "InceptionFeatures",
     "LatentDiffusionMixin",
     "LogitNormalSampler",
     "LossAwareSampler",
     "NoiseSchedule",
+    "RandomConvFeatures",
     "SampleLogger",
+    "SampleQualityMonitor",
     "ScheduleCallback",
     "ScheduleConfig",
     "ScheduleName",
