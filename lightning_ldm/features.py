@@ -83,9 +83,7 @@ class RandomConvFeatures(nn.Module):
         """Features ``(B, width·grid²)`` of ``images`` ``(B, in_channels, H, W)`` (computed in float32)."""
         check_floating("images", images, min_ndim=4)
         if images.ndim != 4 or images.shape[1] != self.in_channels:
-            raise ValueError(
-                f"images must have shape (B, {self.in_channels}, H, W), got shape {tuple(images.shape)}"
-            )
+            raise ValueError(f"images must have shape (B, {self.in_channels}, H, W), got shape {tuple(images.shape)}")
         weight = next(self.net.parameters())
         h = self.net(images.to(device=weight.device, dtype=weight.dtype))
         return F.adaptive_avg_pool2d(h, self.grid).flatten(1)

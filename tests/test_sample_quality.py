@@ -16,7 +16,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from lightning_ldm.callbacks import SampleLogger, SampleQualityMonitor
-from lightning_ldm.callbacks.sample_quality import _rows, _share
+from lightning_ldm.callbacks.sample_quality import _rows, _share, fid_and_kid
 from lightning_ldm.features import InceptionFeatures, RandomConvFeatures
 from lightning_ldm.mixin import DiffusionMixin
 from lightning_ldm.seeding import derive_seed
@@ -93,6 +93,14 @@ class Recorder(SampleQualityMonitor):
         self.published.append((step, dict(values)))
         if self.out_dir is not None:
             Path(self.out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(self.published))
+
+
+class _Vectors(nn.Identity):
+    """The identity with ``num_features`` (torchmetrics' FID otherwise probes it with a 299×299 image)."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
 
 
 def features_net() -> RandomConvFeatures:
@@ -226,6 +234,48 @@ def test_the_metric_tells_shifted_images_from_the_reference() -> None:
     close = torchmetrics_values(images(20, 8), REFERENCE, extractor, 0)["quality/fid"]
     far = torchmetrics_values(images(20, 8, shift=1.0), REFERENCE, extractor, 0)["quality/fid"]
     assert 0 < close < far
+
+
+def test_fid_and_kid_of_feature_sets_equal_torchmetrics_and_leave_the_rng_alone() -> None:
+    gen = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(40, 6, generator=gen), torch.randn(30, 6, generator=gen) * 1.5 + 0.5
+    state = torch.get_rng_state()
+    values = fid_and_kid(real, fake, kid_subset_size=20, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    fid = FrechetInceptionDistance(feature=_Vectors(6))
+    fid.update(real, real=True)
+    fid.update(fake, real=False)
+    kid = KernelInceptionDistance(feature=nn.Identity(), subset_size=20)
+    kid.update(real, real=True)
+    kid.update(fake, real=False)
+    torch.manual_seed(derive_seed(3, 2))
+    kid_mean, kid_std = kid.compute()
+    assert values == {"fid": float(fid.compute()), "kid_mean": float(kid_mean), "kid_std": float(kid_std)}
+    # the closed form on the same features: ||mu_r - mu_f||² + tr(S_r + S_f - 2 (S_r S_f)^½), in float64
+    r, f = real.double(), fake.double()
+    s_r, s_f = torch.cov(r.T), torch.cov(f.T)
+    root = torch.linalg.eigvals(s_r @ s_f).sqrt().real.sum()
+    closed = float((r.mean(0) - f.mean(0)).square().sum() + s_r.trace() + s_f.trace() - 2 * root)
+    assert values["fid"] == pytest.approx(closed, rel=1e-5)
+    assert fid_and_kid(real, real)["fid"] == pytest.approx(0.0, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("real", "fake", "kwargs", "error", "match"),
+    [
+        (torch.zeros(4, 3, dtype=torch.long), torch.zeros(4, 3), {}, TypeError, "real must be a floating tensor"),
+        (torch.zeros(4, 3), torch.zeros(1, 3), {}, ValueError, r"fake must be feature vectors \(count >= 2, D\)"),
+        (torch.zeros(4, 3, 2), torch.zeros(4, 3), {}, ValueError, r"real must be feature vectors .* \(4, 3, 2\)"),
+        (torch.zeros(4, 3), torch.zeros(4, 2), {}, ValueError, "real and fake features differ in length: 3 and 2"),
+        (torch.zeros(4, 3), torch.zeros(5, 3), {"kid_subset_size": 5}, ValueError, "kid_subset_size=5 exceeds"),
+        (torch.zeros(4, 3), torch.zeros(5, 3), {"kid_subsets": 0}, ValueError, r"kid_subsets=0 is out of range"),
+    ],
+)
+def test_fid_and_kid_refuse_bad_features(
+    real: Tensor, fake: Tensor, kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        fid_and_kid(real, fake, **kwargs)
 
 
 def test_a_batch_size_does_not_change_the_values() -> None:

@@ -5,9 +5,10 @@ starting noise exactly as :class:`~lightning_ldm.callbacks.SampleLogger` samples
 first-stage decoding; the averaged weights of an ``EMAWeightAveraging`` callback when they exist), the samples are
 mapped to feature vectors by a feature extractor (any ``nn.Module`` from images to vectors), and torchmetrics'
 ``FrechetInceptionDistance`` and ``KernelInceptionDistance`` compare them with the features of a reference set of real
-images, computed once per fit and cached. The values are written to the Trainer's loggers as ``quality/fid``,
-``quality/kid_mean`` and ``quality/kid_std`` and put in ``trainer.callback_metrics``, so that
-``ModelCheckpoint(monitor="quality/fid", mode="min")`` and ``EarlyStopping`` can use them.
+images, computed once per fit and cached (:func:`fid_and_kid` is the same comparison as a function). The values
+are written to the Trainer's loggers as ``quality/fid``, ``quality/kid_mean`` and ``quality/kid_std`` and put in
+``trainer.callback_metrics``, so that ``ModelCheckpoint(monitor="quality/fid", mode="min")`` and ``EarlyStopping`` can
+use them.
 
 The maths is torchmetrics': this module only extracts, gathers and caches features, and feeds them to the two
 metrics through an identity extractor. torchmetrics (1.3.1 to 1.9) has no precision/recall of generative models, so
@@ -42,7 +43,7 @@ from lightning_ldm.callbacks.sample_logger import SampleLogger, _floating_dtype,
 from lightning_ldm.features import RandomConvFeatures
 from lightning_ldm.seeding import derive_seed
 
-__all__ = ["SampleQualityMonitor"]
+__all__ = ["SampleQualityMonitor", "fid_and_kid"]
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,66 @@ def _same_fingerprint(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return all(math.isclose(float(a[k]), float(b[k]), rel_tol=_FINGERPRINT_RTOL) for k in ("mean_norm", "trace"))
 
 
+def fid_and_kid(
+    real: Tensor,
+    fake: Tensor,
+    *,
+    kid_subsets: int = 100,
+    kid_subset_size: int | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """FID and KID between two sets of feature vectors, computed by torchmetrics.
+
+    torchmetrics' ``FrechetInceptionDistance`` and ``KernelInceptionDistance`` are fed the features through an
+    identity extractor, so the maths is theirs.
+
+    KID's random subsets come from the global generator seeded with ``derive_seed(seed, 2)`` inside
+    ``torch.random.fork_rng``: the same subsets at every call, and the caller's RNG untouched.
+
+    Args:
+        real: Reference features ``(N, D)``, ``N ≥ 2``.
+        fake: Sample features ``(M, D)``, ``M ≥ 2``.
+        kid_subsets: Number of KID subsets.
+        kid_subset_size: Size of each KID subset (``None``: ``min(1000, M, N)``).
+        seed: Seed of KID's subsets.
+
+    Returns:
+        ``{"fid", "kid_mean", "kid_std"}`` as floats (computed in the features' dtype, as torchmetrics does).
+
+    Raises:
+        TypeError: ``real`` or ``fake`` is not a floating tensor.
+        ValueError: They are not ``(count ≥ 2, D)`` with the same ``D``, or ``kid_subset_size`` exceeds a count.
+    """
+    for name, value in (("real", real), ("fake", fake)):
+        check_floating(name, value, min_ndim=2)
+        if value.ndim != 2 or value.shape[0] < 2:
+            raise ValueError(f"{name} must be feature vectors (count >= 2, D), got shape {tuple(value.shape)}")
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(f"real and fake features differ in length: {real.shape[1]} and {fake.shape[1]}")
+    kid_subsets = check_int("kid_subsets", kid_subsets, minimum=1)
+    largest = min(real.shape[0], fake.shape[0])
+    subset = min(_KID_SUBSET_SIZE, largest) if kid_subset_size is None else kid_subset_size
+    if check_int("kid_subset_size", subset, minimum=2) > largest:
+        raise ValueError(
+            f"kid_subset_size={subset} exceeds the {fake.shape[0]} samples or the {real.shape[0]} reference images; "
+            f"expected at most {largest}"
+        )
+    dim = int(real.shape[1])
+    fid = FrechetInceptionDistance(feature=_Given(dim), sync_on_compute=False)
+    with warnings.catch_warnings():  # "will save all extracted features in buffer": these are the features
+        warnings.filterwarnings("ignore", message=r".*Kernel Inception Distance.*")
+        kid = KernelInceptionDistance(
+            feature=_Given(dim), subsets=kid_subsets, subset_size=subset, sync_on_compute=False
+        )
+    for metric in (fid, kid):
+        metric.update(real, real=True)
+        metric.update(fake, real=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, 2))
+        kid_mean, kid_std = kid.compute()
+    return {"fid": float(fid.compute()), "kid_mean": float(kid_mean), "kid_std": float(kid_std)}
+
+
 class SampleQualityMonitor(Callback):
     r"""Log FID and KID of samples from fixed noise against real reference images, every N steps and/or at validation.
 
@@ -139,8 +200,8 @@ class SampleQualityMonitor(Callback):
 
     **Reference.** ``reference``: real images ``(N, C, H, W)`` (e.g. the validation images), or ``None`` with
     :meth:`reference_images` overridden (e.g. to read them from ``trainer.datamodule``). Their features are computed at
-    the start of each fit (``on_train_start``, so after a resume too: never stale) and cached in the torchmetrics
-    metrics. The checkpoint keeps a fingerprint of them; a resume whose recomputed reference features differ warns
+    the start of each fit (``on_train_start``, so after a resume too: never stale) and cached. The checkpoint
+    keeps a fingerprint of them; a resume whose recomputed reference features differ warns
     that FIDs before and after the resume are not comparable.
 
     **Cost.** One evaluation costs ``M`` DDIM samplings of ``num_steps`` steps (plus decoding) and the feature
@@ -242,8 +303,6 @@ class SampleQualityMonitor(Callback):
         self.last_metrics: dict[str, float] = {}
         self._last_step: int | None = None
         self._extractor: nn.Module | None = None
-        self._fid: FrechetInceptionDistance | None = None
-        self._kid: KernelInceptionDistance | None = None
         self._real: Tensor | None = None
         self._reference_fingerprint: dict[str, Any] | None = None
         self._saved_fingerprint: dict[str, Any] | None = None
@@ -279,7 +338,7 @@ class SampleQualityMonitor(Callback):
                 "SampleQualityMonitor is listed before a WeightAveraging callback: its step-based samples use "
                 "averaged weights without that step's update; list it after"
             )
-        self._fid = self._kid = self._real = None  # recomputed at train start (or at the first evaluation), never stale
+        self._real = None  # recomputed at train start (or at the first evaluation), never stale
         self._reference_fingerprint = None
         self._last_step = None
 
@@ -333,7 +392,7 @@ class SampleQualityMonitor(Callback):
         return self.reference
 
     def reference_features(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
-        """The reference features ``(N, D)`` (CPU, the extractor's dtype), computed once per fit, cached in the metrics.
+        """The reference features ``(N, D)`` (CPU, the extractor's dtype), computed once per fit and cached.
 
         Returns:
             The gathered features of all ``N`` reference images.
@@ -357,20 +416,7 @@ class SampleQualityMonitor(Callback):
                 f"kid_subset_size={subset} exceeds the {self.num_samples} samples or the {count} reference images; "
                 f"expected at most {min(self.num_samples, count)}"
             )
-        dim = int(real.shape[1])
-        fid = FrechetInceptionDistance(feature=_Given(dim), reset_real_features=False, sync_on_compute=False)
-        with warnings.catch_warnings():  # "will save all extracted features in buffer": that is the cache
-            warnings.filterwarnings("ignore", message=r".*Kernel Inception Distance.*")
-            kid = KernelInceptionDistance(
-                feature=_Given(dim),
-                subsets=self.kid_subsets,
-                subset_size=subset,
-                reset_real_features=False,
-                sync_on_compute=False,
-            )
-        fid.update(real, real=True)
-        kid.update(real, real=True)
-        self._fid, self._kid, self._real = fid, kid, real
+        self._real = real
         self._reference_fingerprint = _fingerprint(real)
         saved, self._saved_fingerprint = self._saved_fingerprint, None
         if saved is not None and not _same_fingerprint(saved, self._reference_fingerprint):
@@ -429,25 +475,17 @@ class SampleQualityMonitor(Callback):
         return sampler.sample(trainer, pl_module, noise, generator)
 
     def compute(self, fake: Tensor) -> dict[str, float]:
-        """FID and KID of the sample features ``fake`` ``(M, D)`` against the cached reference (torchmetrics' maths).
-
-        KID's random subsets are drawn from a generator seeded with ``derive_seed(seed, 2)`` inside a forked RNG, so
-        they are the same at every evaluation and the global RNG is untouched.
+        """FID and KID of the sample features ``fake`` ``(M, D)`` against the cached reference (:func:`fid_and_kid`).
 
         Returns:
             ``{prefix + "fid", prefix + "kid_mean", prefix + "kid_std"}`` as floats.
         """
-        if self._fid is None or self._kid is None:  # pragma: no cover - evaluate computes them first
+        if self._real is None:  # pragma: no cover - evaluate computes it first
             raise RuntimeError("SampleQualityMonitor.compute needs the reference features; call evaluate")
-        self._fid.reset()  # keeps the real features (reset_real_features=False)
-        self._fid.update(fake, real=False)
-        fid = float(self._fid.compute())
-        self._kid.reset()
-        self._kid.update(fake, real=False)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(self.seed, 2))
-            kid_mean, kid_std = self._kid.compute()
-        return dict(zip(self.names, (fid, float(kid_mean), float(kid_std)), strict=True))
+        values = fid_and_kid(
+            self._real, fake, kid_subsets=self.kid_subsets, kid_subset_size=self.kid_subset_size, seed=self.seed
+        )
+        return dict(zip(self.names, values.values(), strict=True))
 
     def publish(self, trainer: pl.Trainer, values: dict[str, float], step: int) -> None:
         """Put ``values`` in ``trainer.callback_metrics`` (every rank) and write them to the loggers (rank zero)."""
