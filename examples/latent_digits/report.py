@@ -178,13 +178,13 @@ def format_table(results: dict[str, dict[str, Any]], ceiling: float, real: dict[
         "|---:|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {scale} | {100.0 * r['accuracy']:.1f} % | {r['spread']:.2f} | {r['fid']:.3f} | "
+        f"| {scale} | {100.0 * r['accuracy']:.1f} % | {r['spread']:.2f} | {r['fid']:.4f} | "
         f"{1000.0 * r['kid_mean']:.2f} ± {1000.0 * r['kid_std']:.2f} |"
         for scale, r in results.items()
     ]
     lines.append(
         f"| real digits (held-out accuracy: ceiling; training vs held-out FID/KID: floor) | {100.0 * ceiling:.1f} % "
-        f"| 1.00 | {real['fid']:.3f} | {1000.0 * real['kid_mean']:.2f} ± {1000.0 * real['kid_std']:.2f} |"
+        f"| 1.00 | {real['fid']:.4f} | {1000.0 * real['kid_mean']:.2f} ± {1000.0 * real['kid_std']:.2f} |"
     )
     return "\n".join(lines)
 
