@@ -17,6 +17,33 @@ none is logged.
 Under DDP every rank samples its contiguous share of the noise and extracts the features of its share of the
 reference; the features are gathered in order, so the metrics see the same ``M`` samples and ``N`` reference images
 whatever the world size, and every rank computes the same values.
+
+**Samples.** ``shape[0] = M`` samples are drawn from fixed starting noise, the same at every evaluation
+(``SampleLogger``'s noise for the same ``shape`` and ``seed``), with the arguments of ``SampleLogger`` (DDIM steps,
+η, guidance, conditioning, diffusers scheduler) and through its :meth:`SampleLogger.sample`, in batches of
+``batch_size`` per rank. With an averaging callback (``EMAWeightAveraging``) the averaged weights are used once
+they exist; the training weights, the modules' modes and every random stream of training are left as they were
+(a fit with and without this callback ends with the same weights). Conditioning is cut with the noise: every
+tensor in ``cond``/``uncond`` whose first axis has length ``M`` is split into the same batches; other values are
+passed whole. With ``eta > 0`` the η noise is drawn per batch, so samples then depend on ``batch_size`` and the
+world size; with ``eta = 0`` (the default) they do not.
+
+**Features.** ``features`` maps a batch of images (as :meth:`sample` returns them, float32, and the reference
+images, both in the same value range) to vectors ``(B, D)``; ``None`` takes
+:class:`~lightning_ldm.features.RandomConvFeatures` of the reference's channel count, which works offline; read its
+caveat (a FID on random features is comparable only to another on the same features: set a real-vs-real floor
+beside it). :class:`~lightning_ldm.features.InceptionFeatures` gives published-style FIDs when torch-fidelity and
+its weights are available; the penultimate layer of a classifier of your data is the most telling choice.
+
+**Reference.** ``reference``: real images ``(N, C, H, W)`` (e.g. the validation images), or ``None`` with
+:meth:`reference_images` overridden (e.g. to read them from ``trainer.datamodule``). Their features are computed at
+the start of each fit (``on_train_start``, so after a resume too: never stale) and cached. The checkpoint
+keeps a fingerprint of them; a resume whose recomputed reference features differ warns
+that FIDs before and after the resume are not comparable.
+
+**Cost.** About ``M × num_steps`` denoiser forwards (twice with guidance) shared over the ranks, plus the
+features and the metrics; ``docs/benchmarks.md`` measures it in training steps. Choose ``every_n_steps``
+accordingly.
 """
 
 from __future__ import annotations
@@ -94,6 +121,43 @@ def _gather_rows(trainer: pl.Trainer, rows: Tensor) -> Tensor:
     return torch.cat([gathered[rank, : int(size)] for rank, size in enumerate(sizes)])
 
 
+def _kid_subset_size(size: int | None, samples: int, references: int) -> int:
+    """``size`` (``None``: ``min(1000, samples, references)``) after checking it fits both sets."""
+    largest = min(samples, references)
+    subset = min(_KID_SUBSET_SIZE, largest) if size is None else check_int("kid_subset_size", size, minimum=2)
+    if subset > largest:
+        raise ValueError(
+            f"kid_subset_size={subset} exceeds the {samples} samples or the {references} reference images; "
+            f"expected at most {largest}"
+        )
+    return subset
+
+
+def _default_extractor(images: Tensor) -> nn.Module:
+    """``RandomConvFeatures`` of the reference images' channels (images ``(N, C, H, W)`` only)."""
+    if images.ndim != 4:
+        raise ValueError(
+            f"the default feature extractor takes images (N, C, H, W), got reference shape {tuple(images.shape)}; "
+            "pass features=<an nn.Module mapping your samples to vectors>"
+        )
+    return RandomConvFeatures(int(images.shape[1]))
+
+
+def _batches(start: int, stop: int, size: int | None) -> list[tuple[int, int]]:
+    """``[a, b)`` batches of at most ``size`` rows (``None``: one batch) covering ``[start, stop)``."""
+    size = size or max(stop - start, 1)
+    return [(a, min(a + size, stop)) for a in range(start, stop, size)]
+
+
+def _extract(extractor: nn.Module, batches: list[Tensor], device: torch.device) -> Tensor:
+    """Features ``(B, D)`` of the batches (float32 input on ``device``, no gradients)."""
+    with torch.no_grad():
+        features = torch.cat([extractor(batch.to(device=device, dtype=torch.float32)).float() for batch in batches])
+    if features.ndim != 2:
+        raise ValueError(f"the feature extractor must return vectors (B, D), got shape {tuple(features.shape)}")
+    return features
+
+
 def _fingerprint(features: Tensor) -> dict[str, float | int]:
     """A small summary of the reference features (count, dimension, norm of the mean, trace of the covariance)."""
     features = features.double()
@@ -105,10 +169,18 @@ def _fingerprint(features: Tensor) -> dict[str, float | int]:
     }
 
 
-def _same_fingerprint(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    if a.get("count") != b.get("count") or a.get("dim") != b.get("dim"):
-        return False
-    return all(math.isclose(float(a[k]), float(b[k]), rel_tol=_FINGERPRINT_RTOL) for k in ("mean_norm", "trace"))
+def _warn_if_changed(saved: Mapping[str, Any], now: Mapping[str, Any]) -> None:
+    """Warn when the reference fingerprint of a checkpoint differs from the recomputed one."""
+    same = saved.get("count") == now["count"] and saved.get("dim") == now["dim"]
+    if same and all(
+        math.isclose(float(saved[k]), float(now[k]), rel_tol=_FINGERPRINT_RTOL) for k in ("mean_norm", "trace")
+    ):
+        return
+    rank_zero_warn(
+        f"SampleQualityMonitor: the reference features differ from those of the checkpoint ({dict(saved)} then, "
+        f"{dict(now)} now): the reference images or the feature extractor changed, so FIDs before and after the "
+        "resume are not comparable"
+    )
 
 
 def fid_and_kid(
@@ -148,13 +220,7 @@ def fid_and_kid(
     if real.shape[1] != fake.shape[1]:
         raise ValueError(f"real and fake features differ in length: {real.shape[1]} and {fake.shape[1]}")
     kid_subsets = check_int("kid_subsets", kid_subsets, minimum=1)
-    largest = min(real.shape[0], fake.shape[0])
-    subset = min(_KID_SUBSET_SIZE, largest) if kid_subset_size is None else kid_subset_size
-    if check_int("kid_subset_size", subset, minimum=2) > largest:
-        raise ValueError(
-            f"kid_subset_size={subset} exceeds the {fake.shape[0]} samples or the {real.shape[0]} reference images; "
-            f"expected at most {largest}"
-        )
+    subset = _kid_subset_size(kid_subset_size, int(fake.shape[0]), int(real.shape[0]))
     dim = int(real.shape[1])
     fid = FrechetInceptionDistance(feature=_Given(dim), sync_on_compute=False)
     with warnings.catch_warnings():  # "will save all extracted features in buffer": these are the features
@@ -181,33 +247,8 @@ class SampleQualityMonitor(Callback):
         trainer = L.Trainer(callbacks=[EMAWeightAveraging(), quality,
                                        ModelCheckpoint(monitor="quality/fid", mode="min")])
 
-    **Samples.** ``shape[0] = M`` samples are drawn from fixed starting noise, the same at every evaluation
-    (``SampleLogger``'s noise for the same ``shape`` and ``seed``), with the arguments of ``SampleLogger`` (DDIM steps,
-    η, guidance, conditioning, diffusers scheduler) and through its :meth:`SampleLogger.sample`, in batches of
-    ``batch_size`` per rank. With an averaging callback (``EMAWeightAveraging``) the averaged weights are used once
-    they exist; the training weights, the modules' modes and every random stream of training are left as they were
-    (a fit with and without this callback ends with the same weights). Conditioning is cut with the noise: every
-    tensor in ``cond``/``uncond`` whose first axis has length ``M`` is split into the same batches; other values are
-    passed whole. With ``eta > 0`` the η noise is drawn per batch, so samples then depend on ``batch_size`` and the
-    world size; with ``eta = 0`` (the default) they do not.
-
-    **Features.** ``features`` maps a batch of images (as :meth:`sample` returns them, float32, and the reference
-    images, both in the same value range) to vectors ``(B, D)``; ``None`` takes
-    :class:`~lightning_ldm.features.RandomConvFeatures` of the reference's channel count, which works offline; read its
-    caveat (a FID on random features is comparable only to another on the same features: set a real-vs-real floor
-    beside it). :class:`~lightning_ldm.features.InceptionFeatures` gives published-style FIDs when torch-fidelity and
-    its weights are available; the penultimate layer of a classifier of your data is the most telling choice.
-
-    **Reference.** ``reference``: real images ``(N, C, H, W)`` (e.g. the validation images), or ``None`` with
-    :meth:`reference_images` overridden (e.g. to read them from ``trainer.datamodule``). Their features are computed at
-    the start of each fit (``on_train_start``, so after a resume too: never stale) and cached. The checkpoint
-    keeps a fingerprint of them; a resume whose recomputed reference features differ warns
-    that FIDs before and after the resume are not comparable.
-
-    **Cost.** One evaluation costs ``M`` DDIM samplings of ``num_steps`` steps (plus decoding) and the feature
-    extractor on ``M`` images, divided over the ranks, plus an eigendecomposition of ``D × D`` matrices and
-    ``kid_subsets`` kernel evaluations of ``kid_subset_size²`` pairs on every rank (see ``docs/benchmarks.md`` for
-    measured ratios to a training step). Choose ``every_n_steps`` accordingly.
+    How the samples are made and split over ranks, what the features are, how the reference is cached and resumed,
+    and what an evaluation costs: see the module docstring.
 
     Customise by overriding :meth:`sample` (how samples are made), :meth:`reference_images` (where the real images
     come from) or :meth:`publish` (where the values go).
@@ -260,14 +301,14 @@ class SampleQualityMonitor(Callback):
         kid_subset_size: int | None = None,
         prefix: str = "quality/",
     ) -> None:
-        self._sampling: dict[str, Any] = {
-            "num_steps": num_steps,
-            "method": method,
-            "eta": eta,
-            "guidance_scale": guidance_scale,
-            "clip_x0": clip_x0,
-            "scheduler": scheduler,
-        }
+        self._sampling: dict[str, Any] = dict(
+            num_steps=num_steps,
+            method=method,
+            eta=eta,
+            guidance_scale=guidance_scale,
+            clip_x0=clip_x0,
+            scheduler=scheduler,
+        )
         # SampleLogger validates the sampling arguments and draws the fixed noise; it is never a Trainer callback here
         sampler = SampleLogger(shape, cond=cond, uncond=uncond, seed=seed, **self._sampling)
         self.shape = sampler.shape
@@ -338,7 +379,7 @@ class SampleQualityMonitor(Callback):
                 "SampleQualityMonitor is listed before a WeightAveraging callback: its step-based samples use "
                 "averaged weights without that step's update; list it after"
             )
-        self._real = None  # recomputed at train start (or at the first evaluation), never stale
+        self._real = self._extractor = None  # recomputed at train start (or at the first evaluation), never stale
         self._reference_fingerprint = None
         self._last_step = None
 
@@ -364,9 +405,7 @@ class SampleQualityMonitor(Callback):
 
     # ------------------------------------------------------------------------------------------ evaluation
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float] | None:
-        """Sample, extract features, compute FID and KID and publish them; at most once per global step.
-
-        Runs on every rank (the ranks share the sampling and gather the features).
+        """Sample, extract features, compute FID and KID and publish them, on every rank; once per global step.
 
         Returns:
             ``{name: value}`` (as :attr:`last_metrics`), or ``None`` when this step is evaluated already.
@@ -392,10 +431,7 @@ class SampleQualityMonitor(Callback):
         return self.reference
 
     def reference_features(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
-        """The reference features ``(N, D)`` (CPU, the extractor's dtype), computed once per fit and cached.
-
-        Returns:
-            The gathered features of all ``N`` reference images.
+        """The gathered features ``(N, D)`` of the reference images (CPU), computed once per fit and cached.
 
         Raises:
             ValueError: The reference has fewer than two images or does not suit the feature extractor, or
@@ -405,26 +441,20 @@ class SampleQualityMonitor(Callback):
             return self._real
         images = check_floating("reference", self.reference_images(trainer, pl_module), min_ndim=2)
         count = check_int("reference.shape[0]", images.shape[0], minimum=max(2, trainer.world_size))
-        extractor = self._feature_extractor(images).to(pl_module.device)
+        if self._extractor is None:
+            self._extractor = (self.features if self.features is not None else _default_extractor(images)).eval()
+        extractor = self._extractor.to(pl_module.device)
         start, stop = _share(count, trainer.global_rank, trainer.world_size)
         with _training_streams_kept(pl_module):
-            own = self._extract(extractor, [images[a:b] for a, b in self._batches(start, stop)], pl_module.device)
+            batches = [images[a:b] for a, b in _batches(start, stop, self.batch_size)]
+            own = _extract(extractor, batches, pl_module.device)
         real = _gather_rows(trainer, own).cpu()
-        subset = self.kid_subset_size or min(_KID_SUBSET_SIZE, self.num_samples, count)
-        if subset > min(self.num_samples, count):
-            raise ValueError(
-                f"kid_subset_size={subset} exceeds the {self.num_samples} samples or the {count} reference images; "
-                f"expected at most {min(self.num_samples, count)}"
-            )
+        _kid_subset_size(self.kid_subset_size, self.num_samples, count)  # refused now rather than at evaluation
         self._real = real
         self._reference_fingerprint = _fingerprint(real)
         saved, self._saved_fingerprint = self._saved_fingerprint, None
-        if saved is not None and not _same_fingerprint(saved, self._reference_fingerprint):
-            rank_zero_warn(
-                f"SampleQualityMonitor: the reference features differ from those of the checkpoint "
-                f"({saved} then, {self._reference_fingerprint} now): the reference images or the feature extractor "
-                f"changed, so FIDs before and after the resume are not comparable"
-            )
+        if saved is not None:
+            _warn_if_changed(saved, self._reference_fingerprint)
         return real
 
     def sample_features(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor:
@@ -433,18 +463,21 @@ class SampleQualityMonitor(Callback):
         The features go to torchmetrics in the dtype the extractor gives (as torchmetrics' own extractor call would),
         gathered over the ranks in order.
         """
-        extractor = self._feature_extractor(None).to(pl_module.device)
+        self.reference_features(trainer, pl_module)  # sets the extractor up (cached)
+        extractor = self._extractor
+        if extractor is None:  # pragma: no cover - set by reference_features
+            raise RuntimeError("SampleQualityMonitor has no feature extractor")
         start, stop = _share(self.num_samples, trainer.global_rank, trainer.world_size)
         features = []
         with sampling_weights(trainer, pl_module):
             dtype = _floating_dtype(pl_module)
-            for a, b in self._batches(start, stop):
+            for a, b in _batches(start, stop, self.batch_size):
                 noise = self._noise[a:b].to(device=pl_module.device, dtype=dtype)
                 generator = torch.Generator(device=pl_module.device).manual_seed(derive_seed(self.seed, 1, a))
                 cond = _rows(self.cond, a, b, self.num_samples)
                 uncond = _rows(self.uncond, a, b, self.num_samples)
                 samples = self.sample(trainer, pl_module, noise, generator, cond, uncond)
-                features.append(self._extract(extractor, [samples], pl_module.device))
+                features.append(_extract(extractor, [samples], pl_module.device))
         return _gather_rows(trainer, torch.cat(features)).cpu()
 
     def sample(
@@ -456,20 +489,10 @@ class SampleQualityMonitor(Callback):
         cond: Any,
         uncond: Any,
     ) -> Tensor:
-        """Make one batch of samples from ``noise``: :meth:`SampleLogger.sample` with this monitor's arguments.
+        """Make one batch of samples (images, for the extractor): :meth:`SampleLogger.sample` with these arguments.
 
-        Runs with the module in eval mode, the weights to judge in place and training's RNG kept.
-
-        Args:
-            trainer: The Trainer.
-            pl_module: The module.
-            noise: This batch's starting noise, on the module's device.
-            generator: Generator of the η noise, on the module's device.
-            cond: This batch's conditioning.
-            uncond: This batch's unconditional conditioning.
-
-        Returns:
-            Samples (images, as the feature extractor takes them).
+        Runs with the module in eval mode, the weights to judge in place and training's RNG kept; ``noise`` and the
+        η ``generator`` are on the module's device, ``cond``/``uncond`` are this batch's rows.
         """
         sampler = SampleLogger(noise.shape, cond=cond, uncond=uncond, seed=self.seed, **self._sampling)
         return sampler.sample(trainer, pl_module, noise, generator)
@@ -495,34 +518,6 @@ class SampleQualityMonitor(Callback):
                 logger.log_metrics(values, step=step)
         if any(math.isnan(value) for value in values.values()):
             rank_zero_warn(f"SampleQualityMonitor: NaN at step {step}: {values}")
-
-    # ---------------------------------------------------------------------------------------------- helpers
-    def _feature_extractor(self, images: Tensor | None) -> nn.Module:
-        if self._extractor is None:
-            if self.features is not None:
-                self._extractor = self.features
-            elif images is None or images.ndim != 4:
-                shape = None if images is None else tuple(images.shape)
-                raise ValueError(
-                    f"the default feature extractor takes images (N, C, H, W), got reference shape {shape}; pass "
-                    "features=<an nn.Module mapping your samples to vectors>"
-                )
-            else:
-                self._extractor = RandomConvFeatures(int(images.shape[1]))
-            self._extractor.eval()
-        return self._extractor
-
-    def _batches(self, start: int, stop: int) -> list[tuple[int, int]]:
-        size = self.batch_size or max(stop - start, 1)
-        return [(a, min(a + size, stop)) for a in range(start, stop, size)]
-
-    @staticmethod
-    def _extract(extractor: nn.Module, batches: list[Tensor], device: torch.device) -> Tensor:
-        with torch.no_grad():
-            features = torch.cat([extractor(batch.to(device=device, dtype=torch.float32)).float() for batch in batches])
-        if features.ndim != 2:
-            raise ValueError(f"the feature extractor must return vectors (B, D), got shape {tuple(features.shape)}")
-        return features
 
     # ----------------------------------------------------------------------------------------------------- state
     @override
