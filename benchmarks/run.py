@@ -44,6 +44,7 @@ ROWS: dict[str, str] = {
     "training": "benchmarks.bench_training",
     "ddim": "benchmarks.bench_ddim",
     "resume": "benchmarks.bench_resume",
+    "quality": "benchmarks.bench_quality",
 }
 
 

@@ -20,6 +20,7 @@ from lightning_ldm.conditioning import (
 )
 from lightning_ldm.ddim import DDIMMethod, ddim_sample, ddim_step, make_ddim_sampling_parameters, make_ddim_timesteps
 from lightning_ldm.embedding import SinusoidalTimestepEmbedding, timestep_embedding
+from lightning_ldm.features import InceptionFeatures, RandomConvFeatures
 from lightning_ldm.first_stage import FirstStage
 from lightning_ldm.guidance import guided_model
 from lightning_ldm.instantiation import ConfigImportError, get_obj_from_str, instantiate_from_config
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
         DiffusionSeedCallback,
         GradientCheckpointing,
         SampleLogger,
+        SampleQualityMonitor,
         ScheduleCallback,
         TimestepLossMonitor,
     )
@@ -64,6 +66,7 @@ _LAZY = {
     "LatentDiffusionMixin": "lightning_ldm.latent",
     "SampleLogger": "lightning_ldm.callbacks",
     "DiffusionSeedCallback": "lightning_ldm.callbacks",
+    "SampleQualityMonitor": "lightning_ldm.callbacks",
     "ScheduleCallback": "lightning_ldm.callbacks",
     "CompVisCompat": "lightning_ldm.compat",
     "TimestepLossMonitor": "lightning_ldm.callbacks",
@@ -94,11 +97,14 @@ __all__ = [
     "FirstStage",
     "GradientCheckpointing",
     "HybridConditioner",
+    "InceptionFeatures",
     "LatentDiffusionMixin",
     "LogitNormalSampler",
     "LossAwareSampler",
     "NoiseSchedule",
+    "RandomConvFeatures",
     "SampleLogger",
+    "SampleQualityMonitor",
     "ScheduleCallback",
     "ScheduleConfig",
     "ScheduleName",

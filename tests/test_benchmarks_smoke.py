@@ -20,6 +20,7 @@ EXPECTED_ROWS = {
     "training step",
     "DDIM sampling",
     "resume check",
+    "quality evaluation",
 }
 
 

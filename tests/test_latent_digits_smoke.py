@@ -16,7 +16,8 @@ from examples.latent_digits.autoencoder import DigitAutoencoder
 from examples.latent_digits.classifier import DigitClassifier
 from examples.latent_digits.data import DigitsDataModule, from_pixels, load_split, to_pixels
 from examples.latent_digits.denoiser import LatentDenoiser
-from examples.latent_digits.train import class_spread, main, save_grid
+from examples.latent_digits.report import class_spread, real_quality, save_grid
+from examples.latent_digits.train import main
 from lightning_ldm.first_stage import FirstStage
 
 DIGITS_PER_CLASS = [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]  # sklearn's load_digits
@@ -156,6 +157,7 @@ TINY = [
     "--model.hidden", "32", "--model.depth", "1", "--model.warmup_steps", "5",
     "--train.batch_size", "64", "--train.autoencoder_steps", "20", "--train.steps", "30",
     "--train.grid_every_n_steps", "10", "--train.grid_per_class", "2", "--train.grid_ddim_steps", "2",
+    "--train.quality_every_n_steps", "15", "--train.quality_per_class", "2",
     "--train.log_every_n_steps", "5", "--train.ema_start", "5", "--train.bucket_loss_every_n_steps", "10",
     "--eval.samples_per_class", "3", "--eval.ddim_steps", "4", "--eval.guidance_scales", "[1, 3]",
 ]  # fmt: skip
@@ -172,6 +174,14 @@ def test_example_runs_end_to_end_and_reuses_its_autoencoder(tmp_path: Path) -> N
     assert 0.97 < written["real_holdout_accuracy"] <= 1.0
     assert all(len(row) == 10 for row in written["per_class_accuracy"].values())
     assert all(math.isfinite(value) and value > 0 for value in written["spread"].values())
+    # FID/KID by guidance scale against the held-out digits, and the real-vs-real floor on the same features
+    assert sorted(written["fid"]) == sorted(written["kid"]) == ["1", "3"]
+    assert all(math.isfinite(value) and value > 0 for value in written["fid"].values())
+    assert all(set(kid) == {"mean", "std"} for kid in written["kid"].values())
+    split = load_split(0.2, seed=0)
+    floor = real_quality(split, per_class=3, seed=1234)
+    assert written["real_fid"] == floor["fid"] and written["real_kid"]["mean"] == floor["kid_mean"]
+    assert 0 < written["real_fid"] < min(written["fid"].values())  # 30 real digits beat 30 samples of a 30-step model
     assert written["steps"] == 30 and written["autoencoder"]["loaded"] is False
     assert math.isfinite(written["scale_factor"]) and written["scale_factor"] > 0
     phases = {"setup", "classifier", "autoencoder", "denoiser", "sampling", "outputs", "total"}
@@ -191,6 +201,9 @@ def test_example_runs_end_to_end_and_reuses_its_autoencoder(tmp_path: Path) -> N
     assert [event.step for event in images] == [10, 20, 30]
     assert (images[-1].width, images[-1].height) == grid_size
     assert any(tag.startswith("loss_bucket/") for tag in events.Tags()["scalars"])  # TimestepLossMonitor
+    fid_curve = events.Scalars("quality/fid")  # SampleQualityMonitor: 20 samples against the held-out digits
+    assert [event.step for event in fid_curve] == [15, 30] and all(event.value > 0 for event in fid_curve)
+    assert {"quality/kid_mean", "quality/kid_std"} <= set(events.Tags()["scalars"])
     assert "train/loss" in events.Tags()["scalars"]
     assert (run_dir / "denoiser" / "metrics.csv").is_file()
     for name in ("accuracy.png", "accuracy.md", "samples_scale1.png", "samples_scale3.png", "samples.npz"):

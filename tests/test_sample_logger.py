@@ -15,7 +15,8 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_ldm.callbacks.sample_logger import SampleLogger, averaged_module
+from lightning_ldm.callbacks._sampling import averaged_module
+from lightning_ldm.callbacks.sample_logger import SampleLogger
 from lightning_ldm.media import image_grid, to_uint8, video_grid
 from lightning_ldm.mixin import DiffusionMixin
 from lightning_ldm.seeding import derive_seed

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from lightning_ldm.mixin import DiffusionMixin
 
-__all__ = ["diffusion_module", "gather_ranked", "schedule_timesteps"]
+__all__ = ["diffusion_module", "gather_ranked", "gather_rows", "schedule_timesteps"]
 
 
 def diffusion_module(pl_module: pl.LightningModule, owner: str) -> DiffusionMixin:
@@ -53,30 +53,23 @@ def schedule_timesteps(module: DiffusionMixin, owner: str) -> int:
     return module.noise_schedule.num_timesteps
 
 
-def gather_ranked(trainer: pl.Trainer, t: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
-    """All ranks' ``(t, losses)`` concatenated in rank order (every rank gets the same result; sizes may differ).
+def gather_rows(trainer: pl.Trainer, rows: Tensor) -> Tensor:
+    """All ranks' ``rows`` ``(n_r, ...)`` concatenated in rank order (every rank gets the result; sizes may differ).
 
-    Three small all-gathers (sizes, padded ``t``, padded losses); a no-op in a single process.
-
-    Args:
-        trainer: The Trainer (its strategy gathers).
-        t: This rank's timesteps, any shape.
-        losses: This rank's per-sample losses, as many entries as ``t``.
-
-    Returns:
-        ``(t, losses)`` of all ranks, 1-D, rank 0's first.
+    Two all-gathers (the sizes, then the rows padded to the largest size); a no-op in a single process.
     """
     if trainer.world_size <= 1:
-        return t, losses
+        return rows
     strategy = trainer.strategy
-    t = t.reshape(-1).long()
-    losses = losses.reshape(-1).float()
-    sizes = strategy.all_gather(torch.tensor([t.numel()], device=t.device)).reshape(-1)
-    width = int(sizes.max())
-    if width == 0:  # no rank has losses this step (all ranks agree: sizes are gathered)
-        return t, losses
-    pad = width - t.numel()
-    t_all = strategy.all_gather(torch.nn.functional.pad(t, (0, pad))).reshape(-1, width)
-    l_all = strategy.all_gather(torch.nn.functional.pad(losses, (0, pad))).reshape(-1, width)
-    keep = torch.arange(width, device=sizes.device)[None, :] < sizes[:, None]
-    return t_all[keep], l_all[keep]
+    sizes = strategy.all_gather(torch.tensor([rows.shape[0]], device=rows.device)).reshape(-1).tolist()
+    width = max(int(size) for size in sizes)
+    if width == 0:  # no rank has rows (all ranks agree: the sizes are gathered)
+        return rows
+    pad = [0, 0] * (rows.ndim - 1) + [0, width - rows.shape[0]]
+    gathered = strategy.all_gather(torch.nn.functional.pad(rows, pad))
+    return torch.cat([gathered[rank, : int(size)] for rank, size in enumerate(sizes)])
+
+
+def gather_ranked(trainer: pl.Trainer, t: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+    """All ranks' ``(t, losses)`` concatenated in rank order, 1-D (see :func:`gather_rows`)."""
+    return gather_rows(trainer, t.reshape(-1).long()), gather_rows(trainer, losses.reshape(-1).float())

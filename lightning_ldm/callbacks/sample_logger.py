@@ -17,115 +17,38 @@ count logged as ``"{tag}/nan_count"``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel
+from torch import Tensor
 from typing_extensions import override
 
-from lightning_ldm._checks import check_choice, check_int, check_real, check_scheduler, check_shape
+from lightning_ldm._checks import check_int, check_real, check_scheduler, check_shape
 from lightning_ldm.callbacks._diffusion import diffusion_module
+from lightning_ldm.callbacks._sampling import (
+    callbacks_of,
+    check_sample_kwargs,
+    floating_dtype,
+    sample_options,
+    sampling_weights,
+)
 from lightning_ldm.callbacks.sample_writers import write_image, write_video
-from lightning_ldm.ddim import DDIM_METHODS
 from lightning_ldm.latent import LatentDiffusionMixin
 from lightning_ldm.media import check_value_range, image_grid, to_uint8, video_grid
 from lightning_ldm.mixin import DiffusionMixin
 from lightning_ldm.seeding import derive_seed
 
-__all__ = ["SampleLogger", "averaged_module"]
+__all__ = ["SampleLogger"]
 
 log = logging.getLogger(__name__)
 
 Conditioning = Tensor | Mapping[str, Any] | list[Any] | tuple[Any, ...] | None
 _PICTURE_CHANNELS = (1, 3)
-
-
-def averaged_module(callback: WeightAveraging) -> nn.Module | None:
-    """The module holding ``callback``'s averaged weights, or ``None`` before it exists (outside ``fit``).
-
-    Lightning 2.6 keeps the ``AveragedModel`` in the private attribute ``_average_model`` and offers no public
-    accessor; this function is the one place that reads it.
-    """
-    average = getattr(callback, "_average_model", None)
-    return average.module if isinstance(average, AveragedModel) else None
-
-
-def _callbacks(trainer: pl.Trainer) -> list[Callback]:
-    """``trainer.callbacks`` (set by Lightning's callback connector, so invisible to type checkers)."""
-    return list(getattr(trainer, "callbacks", []))
-
-
-def _first_averaged_module(trainer: pl.Trainer) -> tuple[nn.Module | None, bool]:
-    """The first ``WeightAveraging`` callback's averaged module once it holds an average, and whether one is pending.
-
-    Before the callback's first update (e.g. ``EMAWeightAveraging(update_starting_at_step=N)`` before step N) its
-    module is an untrained copy of the initial weights: ``(None, True)``, so the training weights are sampled.
-    """
-    pending = False
-    for callback in _callbacks(trainer):
-        if not isinstance(callback, WeightAveraging) or (module := averaged_module(callback)) is None:
-            continue
-        count = getattr(getattr(callback, "_average_model", None), "n_averaged", None)
-        if count is None or int(count) > 0:
-            return module, False
-        pending = True
-    return None, pending
-
-
-@contextlib.contextmanager
-def _swapped_weights(module: nn.Module, averaged: nn.Module) -> Iterator[None]:
-    """Swap ``module``'s parameter and buffer values with ``averaged``'s, and back on exit (bitwise round trip).
-
-    The tensors are paired in the order Lightning's ``WeightAveraging`` pairs them: parameters, then buffers.
-    """
-    pairs = list(
-        zip(
-            [*module.parameters(), *module.buffers()],
-            [*averaged.parameters(), *averaged.buffers()],
-            strict=True,
-        )
-    )
-
-    def swap() -> None:
-        with torch.no_grad():
-            for current, average in pairs:
-                kept = average.detach().clone()
-                average.copy_(current.detach())
-                current.copy_(kept)
-
-    swap()
-    try:
-        yield
-    finally:
-        swap()
-
-
-@contextlib.contextmanager
-def _training_streams_kept(pl_module: nn.Module) -> Iterator[None]:
-    """Restore the global CPU RNG, the module device's CUDA RNG and ``pl_module.diffusion_generator`` on exit."""
-    device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    generator = getattr(pl_module, "diffusion_generator", None)
-    state = generator.get_state() if isinstance(generator, torch.Generator) else None
-    with torch.random.fork_rng(devices=cuda, device_type="cuda"):
-        try:
-            yield
-        finally:
-            if state is not None and generator is not None:
-                generator.set_state(state)
-
-
-def _floating_dtype(pl_module: pl.LightningModule) -> torch.dtype:
-    """The module's dtype (what true-half precision casts it to), float32 unless it is a floating dtype."""
-    dtype = pl_module.dtype
-    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
 def _check_cond(name: str, value: Any) -> Conditioning:
@@ -167,13 +90,14 @@ def _check_can_log(logger: SampleLogger, pl_module: pl.LightningModule) -> None:
             "with; pass SampleLogger(cond=..., uncond=...) (uncond is needed for guidance_scale != 1)"
         )
     schedule = getattr(pl_module, "noise_schedule", None)
-    if schedule is not None and logger.scheduler is not None:
-        check_scheduler(logger.scheduler, schedule, logger.num_steps)
-    elif schedule is not None and logger.num_steps > schedule.num_timesteps:
+    sampler, num_steps = logger.sample_kwargs["sampler"], logger.sample_kwargs["num_steps"]
+    if schedule is not None and not (isinstance(sampler, str) and sampler == "ddim"):
+        check_scheduler(sampler, schedule, num_steps)
+    elif schedule is not None and num_steps > schedule.num_timesteps:
         steps = schedule.num_timesteps
         raise ValueError(
-            f"SampleLogger(num_steps={logger.num_steps}) is more than the {steps} timesteps of {module}'s schedule; "
-            f"expected an integer in [1, {steps}]"
+            f"SampleLogger(sample_kwargs={{'num_steps': {num_steps}}}) is more than the {steps} timesteps of "
+            f"{module}'s schedule; expected an integer in [1, {steps}]"
         )
     default = type(logger).sample is SampleLogger.sample and type(logger).write is SampleLogger.write
     if not default or getattr(pl_module, "first_stage", None) is not None:
@@ -214,13 +138,13 @@ class SampleLogger(Callback):
         shape: Shape of the starting noise, batch first, e.g. ``(16, 4, 32, 32)`` for latents.
         every_n_steps: Log after every this many optimizer steps (``None``: not on a step schedule).
         at_validation_end: Log at the end of every validation pass (not the sanity check).
-        num_steps: DDIM steps.
-        method: DDIM timestep spacing: ``"uniform"``, ``"quad"``, ``"linspace"`` or ``"trailing"``.
-        eta: DDIM η (0: deterministic).
-        guidance_scale: Classifier-free guidance scale; ≠ 1 needs ``cond`` and ``uncond``.
-        cond: Conditioning passed to ``ddim_sample`` (tensor or keyword mapping; moved to the module's device).
-        uncond: Unconditional conditioning for guidance.
-        clip_x0: Clamp the predicted x0 to ``[-clip_x0, clip_x0]`` (``None``: no clamp).
+        cond: The condition passed to ``sample`` (any form the module's ``apply_model`` takes; moved to the module's
+            device, floating tensors to its dtype).
+        uncond: The unconditional condition for guidance.
+        sample_kwargs: Options of :meth:`~lightning_ldm.mixin.DiffusionMixin.sample`: ``sampler`` (``"ddim"``, the
+            default, or a diffusers-style scheduler, compared with the module's schedule and ``num_steps`` at fit
+            start), ``num_steps`` (50), ``method`` (``"uniform"``), ``eta`` (0), ``guidance_scale`` (1; ≠ 1 needs
+            ``cond`` and ``uncond``), ``clip_x0`` (``None``).
         seed: Seed of the starting noise and the η noise.
         value_range: ``(low, high)`` of the decoded samples, shown as black and white.
         tag: Name of the logged picture.
@@ -228,8 +152,6 @@ class SampleLogger(Callback):
         frame_dim: For 5-D samples, the axis of the frames: 2 for ``(B, C, T, H, W)``, 1 for ``(B, T, C, H, W)``.
         max_frames: Log at most this many leading frames of a clip (``None``: all).
         fps: Frames per second of the animations.
-        scheduler: A diffusers-style scheduler run instead of our DDIM (``method`` and ``clip_x0`` then do not
-            apply); compared with the module's schedule and ``num_steps`` at fit start.
 
     Raises:
         TypeError: An argument has the wrong type.
@@ -243,13 +165,9 @@ class SampleLogger(Callback):
         every_n_steps: int | None = None,
         at_validation_end: bool = True,
         *,
-        num_steps: int = 50,
-        method: str = "uniform",
-        eta: float = 0.0,
-        guidance_scale: float = 1.0,
         cond: Conditioning = None,
         uncond: Conditioning = None,
-        clip_x0: float | None = None,
+        sample_kwargs: Mapping[str, Any] | None = None,
         seed: int = 0,
         value_range: Sequence[float] = (-1.0, 1.0),
         tag: str = "samples",
@@ -257,7 +175,6 @@ class SampleLogger(Callback):
         frame_dim: int = 2,
         max_frames: int | None = None,
         fps: float = 8.0,
-        scheduler: Any = None,
     ) -> None:
         self.shape = check_shape("shape", shape, min_ndim=2)
         self.every_n_steps = None if every_n_steps is None else check_int("every_n_steps", every_n_steps, minimum=1)
@@ -266,15 +183,11 @@ class SampleLogger(Callback):
         if self.every_n_steps is None and not at_validation_end:
             raise ValueError("every_n_steps=None and at_validation_end=False would never log; set one of them")
         self.at_validation_end = at_validation_end
-        self.num_steps = check_int("num_steps", num_steps, minimum=1)
-        check_choice("method", method, DDIM_METHODS)
-        self.method = method
-        self.eta = check_real("eta", eta, minimum=0.0)
-        self.guidance_scale = check_real("guidance_scale", guidance_scale)
+        self.sample_kwargs = check_sample_kwargs(sample_kwargs)
         self.cond, self.uncond = _check_cond("cond", cond), _check_cond("uncond", uncond)
-        if self.guidance_scale != 1.0 and (cond is None or uncond is None):
-            raise ValueError(f"guidance_scale={self.guidance_scale:g} needs both cond and uncond; got only one or none")
-        self.clip_x0 = None if clip_x0 is None else check_real("clip_x0", clip_x0, minimum=0.0, min_inclusive=False)
+        scale = self.sample_kwargs["guidance_scale"]
+        if scale != 1.0 and (cond is None or uncond is None):
+            raise ValueError(f"guidance_scale={scale:g} needs both cond and uncond; got only one or none")
         self.seed = check_int("seed", seed, minimum=0)
         self.value_range = check_value_range(value_range)
         if not isinstance(tag, str):
@@ -286,9 +199,6 @@ class SampleLogger(Callback):
         self.frame_dim = check_int("frame_dim", frame_dim, minimum=1, maximum=2)
         self.max_frames = None if max_frames is None else check_int("max_frames", max_frames, minimum=1)
         self.fps = check_real("fps", fps, minimum=0.0, min_inclusive=False)
-        if scheduler is not None:
-            check_scheduler(scheduler)
-        self.scheduler = scheduler
         self._noise = torch.randn(self.shape, generator=torch.Generator().manual_seed(self.seed), dtype=torch.float32)
         self._last_step: int | None = None
         self._warned_nan = False
@@ -317,7 +227,7 @@ class SampleLogger(Callback):
             raise TypeError(
                 f"SampleLogger needs a module that mixes in DiffusionMixin, got {type(pl_module).__name__}"
             )
-        callbacks = _callbacks(trainer)
+        callbacks = callbacks_of(trainer)
         if self.every_n_steps is not None and self in callbacks:
             later = callbacks[callbacks.index(self) + 1 :]
             if any(isinstance(cb, WeightAveraging) for cb in later):
@@ -365,23 +275,14 @@ class SampleLogger(Callback):
         if not trainer.is_global_zero or step == self._last_step:
             return None
         self._last_step = step
-        averaged, pending = _first_averaged_module(trainer)
-        self.last_weights = "training" if averaged is None else "averaged"
-        self.last_tag = f"{self.tag}/training_weights" if pending else self.tag
-        if pending:
-            log.info("SampleLogger: no weights averaged yet at step %d; sampling the training weights", step)
-        modes = [(m, m.training) for m in pl_module.modules()]
-        pl_module.eval()
-        try:
-            with _training_streams_kept(pl_module), contextlib.ExitStack() as stack:
-                if averaged is not None:
-                    stack.enter_context(_swapped_weights(pl_module, averaged))
-                noise = self._noise.to(device=pl_module.device, dtype=_floating_dtype(pl_module))
-                generator = torch.Generator(device=pl_module.device).manual_seed(derive_seed(self.seed, 1))
-                samples = self.sample(trainer, pl_module, noise, generator).detach().float().cpu()
-        finally:
-            for module, mode in modes:
-                module.training = mode
+        with sampling_weights(trainer, pl_module) as weights:
+            self.last_weights = "averaged" if weights == "averaged" else "training"
+            self.last_tag = f"{self.tag}/training_weights" if weights == "pending" else self.tag
+            if weights == "pending":
+                log.info("SampleLogger: no weights averaged yet at step %d; sampling the training weights", step)
+            noise = self._noise.to(device=pl_module.device, dtype=floating_dtype(pl_module))
+            generator = torch.Generator(device=pl_module.device).manual_seed(derive_seed(self.seed, 1))
+            samples = self.sample(trainer, pl_module, noise, generator).detach().float().cpu()
         self.last_samples = samples
         self._report_nan(trainer, samples, step)
         self.write(trainer, samples, step)
@@ -421,17 +322,7 @@ class SampleLogger(Callback):
         Returns:
             Samples ``(B, C, H, W)`` or ``(B, C, T, H, W)`` / ``(B, T, C, H, W)`` (see ``frame_dim``).
         """
-        options: dict[str, Any] = {
-            "num_steps": self.num_steps,
-            "eta": self.eta,
-            "generator": generator,
-            "guidance_scale": self.guidance_scale,
-            "x_T": noise,
-        }
-        if self.scheduler is not None:
-            options["sampler"] = self.scheduler
-        else:
-            options.update(method=self.method, clip_x0=self.clip_x0)
+        options = {**sample_options(self.sample_kwargs), "generator": generator, "x_T": noise}
         cond = _to_device(self.cond, noise.device, noise.dtype)  # the noise's dtype: the module's under "bf16-true"
         uncond = _to_device(self.uncond, noise.device, noise.dtype)
         samples = diffusion_module(pl_module, type(self).__name__).sample(

@@ -1,0 +1,264 @@
+"""The research harness of the latent-digits example: the judges, the timers, the tables, the plots, the summary.
+
+``train.py`` is the template (data, models, Trainer, callbacks); this module measures what it trained:
+
+- class accuracy of guided samples, by the SVC judge (:mod:`examples.latent_digits.classifier`), against its
+  accuracy on the held-out real digits (the ceiling);
+- the spread of the samples around their class means, against that of real digits;
+- FID and KID of the samples against the held-out real digits (``fid_and_kid``, torchmetrics' maths) on
+  :func:`quality_features`, beside the same numbers for as many real training digits (the floor: what a perfect
+  model of the digits would score, sampling noise included).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from jsonargparse import Namespace
+from torch import Tensor, nn
+
+from examples.latent_digits.classifier import DigitClassifier
+from examples.latent_digits.data import NUM_CLASSES, DigitsSplit
+from examples.latent_digits.denoiser import LatentDenoiser
+from lightning_ldm.callbacks.sample_quality import fid_and_kid
+from lightning_ldm.features import RandomConvFeatures
+from lightning_ldm.media import image_grid, to_uint8, write_png
+
+log = logging.getLogger("examples.latent_digits")
+
+__all__ = [
+    "Clock",
+    "EvalOptions",
+    "class_spread",
+    "evaluate",
+    "format_table",
+    "judge_autoencoder",
+    "plot_accuracy",
+    "quality_features",
+    "real_quality",
+    "save_grid",
+    "write_summary",
+]
+
+
+@dataclass
+class EvalOptions:
+    """What to sample and how to judge it.
+
+    Args:
+        samples_per_class: Samples of each class at each guidance scale (also the real digits of the FID floor).
+        ddim_steps: DDIM steps.
+        guidance_scales: Classifier-free guidance scales (1: the conditional model alone).
+        sample_seed: Seed of the starting noise (the same noise at every scale) and of the real subset of the floor.
+        classifier_c: ``C`` of the judge's SVC.
+    """
+
+    samples_per_class: int = 50
+    ddim_steps: int = 50
+    guidance_scales: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0, 5.0])
+    sample_seed: int = 1234
+    classifier_c: float = 10.0
+
+
+class Clock:
+    """Wall and process-CPU seconds of named phases (CPU time counts every thread of this process)."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self._start = (time.perf_counter(), time.process_time())
+
+    def lap(self, name: str) -> None:
+        now = (time.perf_counter(), time.process_time())
+        self.wall[name] = now[0] - self._start[0]
+        self.cpu[name] = now[1] - self._start[1]
+        self._start = now
+
+
+def quality_features() -> nn.Module:
+    """The feature extractor of the FID/KID: ``RandomConvFeatures(1)``, the package's offline default (64 features).
+
+    The judge is an SVC, which has no penultimate layer to borrow; random conv features need no download. Their FIDs
+    mean something only beside the real-vs-real floor computed on the same features.
+    """
+    return RandomConvFeatures(1)
+
+
+def save_grid(path: Path, images: Tensor, nrow: int, scale: int = 4) -> Path:
+    """Write images ``(N, 1, H, W)`` in ``[−1, 1]`` as one PNG grid of rows of ``nrow``, upscaled ``scale`` times."""
+    grid = image_grid(to_uint8(images), nrow=nrow, padding=1, pad_value=64)
+    return write_png(path, grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2))
+
+
+def class_spread(images: Tensor, labels: Tensor) -> float:
+    """Mean distance (in pixels of ``[−1, 1]``) of each image to the mean image of its class: a measure of variety."""
+    flat = images.reshape(images.shape[0], -1).float()
+    means = torch.stack([flat[labels == c].mean(dim=0) for c in range(NUM_CLASSES)])
+    return float((flat - means[labels]).norm(dim=1).mean())
+
+
+def _features(images: Tensor) -> Tensor:
+    with torch.no_grad():
+        return quality_features()(images.float())
+
+
+def judge_autoencoder(first_stage: nn.Module, judge: DigitClassifier, split: DigitsSplit, loaded: bool) -> dict:
+    """Held-out reconstruction MSE of the autoencoder and the judge's accuracy on the reconstructions (logged)."""
+    with torch.no_grad():
+        reconstructions = first_stage.decode(first_stage.encode(split.holdout_images))  # type: ignore[operator]
+    mse = float(torch.nn.functional.mse_loss(reconstructions, split.holdout_images))
+    accuracy = judge.accuracy(reconstructions, split.holdout_labels)
+    log.info(
+        "autoencoder %s: held-out reconstruction MSE %.4f, judge accuracy on reconstructions %.1f %%",
+        "loaded" if loaded else "trained", mse, 100.0 * accuracy,
+    )  # fmt: skip
+    return {"loaded": loaded, "holdout_reconstruction_mse": mse, "judge_accuracy_on_reconstructions": accuracy}
+
+
+def real_quality(split: DigitsSplit, per_class: int, seed: int) -> dict[str, float]:
+    """FID/KID of ``per_class`` real training digits of each class (drawn with ``seed``) against the held-out ones.
+
+    The floor of the samples' FID: the same count and the same class balance as the samples, so the same bias.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for label in range(NUM_CLASSES):
+        members = torch.nonzero(split.train_labels == label).flatten()
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
+    real = split.train_images[torch.cat(chosen)]
+    return fid_and_kid(_features(split.holdout_images), _features(real), seed=seed)
+
+
+def evaluate(
+    model: LatentDenoiser, judge: DigitClassifier, options: EvalOptions, run_dir: Path, split: DigitsSplit
+) -> dict[str, dict[str, Any]]:
+    """Sample every class at every guidance scale; judge the samples; write one grid per scale and ``samples.npz``.
+
+    ``spread`` is the :func:`class_spread` of the samples over that of the held-out real digits: 1 when the samples
+    vary around their class mean as much as real digits do, less when guidance makes them more uniform. ``fid`` and
+    ``kid_mean``/``kid_std`` compare the samples with the held-out digits on :func:`quality_features`.
+
+    Returns:
+        ``{str(scale): {"accuracy", "per_class" (10 floats), "spread", "fid", "kid_mean", "kid_std"}}``.
+    """
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(options.samples_per_class)
+    reference_spread = class_spread(split.holdout_images, split.holdout_labels)
+    reference_features = _features(split.holdout_images)
+    results: dict[str, dict[str, Any]] = {}
+    arrays: dict[str, np.ndarray] = {"labels": labels.numpy()}
+    for scale in options.guidance_scales:
+        generator = torch.Generator().manual_seed(options.sample_seed)
+        images = model.sample_classes(labels, guidance_scale=scale, num_steps=options.ddim_steps, generator=generator)
+        correct = judge.predict(images) == labels.numpy()
+        results[f"{scale:g}"] = {
+            "accuracy": float(correct.mean()),
+            "per_class": [float(v) for v in correct.reshape(NUM_CLASSES, -1).mean(axis=1)],
+            "spread": class_spread(images, labels) / reference_spread,
+            **fid_and_kid(reference_features, _features(images), seed=options.sample_seed),
+        }
+        shown = min(10, options.samples_per_class)
+        grid = images.reshape(NUM_CLASSES, options.samples_per_class, 1, 8, 8)[:, :shown].reshape(-1, 1, 8, 8)
+        save_grid(run_dir / f"samples_scale{scale:g}.png", grid, nrow=shown)
+        arrays[f"scale{scale:g}"] = images.numpy()
+    np.savez_compressed(run_dir / "samples.npz", **arrays)  # type: ignore[arg-type]
+    return results
+
+
+def format_table(results: dict[str, dict[str, Any]], ceiling: float, real: dict[str, float]) -> str:
+    """The table: one row per guidance scale, then the real digits (accuracy ceiling, FID/KID floor)."""
+    lines = [
+        "| guidance scale | class accuracy | spread vs real | FID | KID (x1000) |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {scale} | {100.0 * r['accuracy']:.1f} % | {r['spread']:.2f} | {r['fid']:.4f} | "
+        f"{1000.0 * r['kid_mean']:.2f} ± {1000.0 * r['kid_std']:.2f} |"
+        for scale, r in results.items()
+    ]
+    lines.append(
+        f"| real digits (held-out accuracy: ceiling; training vs held-out FID/KID: floor) | {100.0 * ceiling:.1f} % "
+        f"| 1.00 | {real['fid']:.4f} | {1000.0 * real['kid_mean']:.2f} ± {1000.0 * real['kid_std']:.2f} |"
+    )
+    return "\n".join(lines)
+
+
+def plot_accuracy(path: Path, accuracy: dict[str, float], ceiling: float) -> Path:
+    """Accuracy against guidance scale, with the held-out ceiling as a dashed line; write a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scales = [float(s) for s in accuracy]
+    figure, axes = plt.subplots(figsize=(4.5, 3.2), dpi=120)
+    axes.plot(scales, [100.0 * v for v in accuracy.values()], "o-", label="guided samples")
+    axes.axhline(100.0 * ceiling, color="grey", linestyle="--", label="real held-out digits")
+    axes.set_xlabel("guidance scale")
+    axes.set_ylabel("class accuracy (%)")
+    axes.set_xticks(scales)
+    axes.set_ylim(min(50.0, *(100.0 * v - 5 for v in accuracy.values())), 100.5)
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def write_summary(run_dir: Path, results: dict[str, dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """Write ``summary.json``, ``accuracy.md`` and ``accuracy.png``; print the table; return the summary.
+
+    Args:
+        run_dir: Output folder.
+        results: :func:`evaluate`'s results.
+        extra: ``ceiling`` (judge on held-out digits), ``real`` (:func:`real_quality`), ``clock`` (:class:`Clock`)
+            and the other entries of the summary (written as they are, through :func:`jsonable`).
+    """
+    ceiling, real, clock = extra.pop("ceiling"), extra.pop("real"), extra.pop("clock")
+    accuracy = {scale: r["accuracy"] for scale, r in results.items()}
+    figure = plot_accuracy(run_dir / "accuracy.png", accuracy, ceiling)
+    table = format_table(results, ceiling, real)
+    clock.lap("outputs")
+    summary: dict[str, Any] = {
+        "accuracy": accuracy,
+        "real_holdout_accuracy": ceiling,
+        "per_class_accuracy": {scale: r["per_class"] for scale, r in results.items()},
+        "spread": {scale: r["spread"] for scale, r in results.items()},
+        "fid": {scale: r["fid"] for scale, r in results.items()},
+        "kid": {scale: {"mean": r["kid_mean"], "std": r["kid_std"]} for scale, r in results.items()},
+        "real_fid": real["fid"],
+        "real_kid": {"mean": real["kid_mean"], "std": real["kid_std"]},
+        **{key: jsonable(value) for key, value in extra.items()},
+        "wall_seconds": {**clock.wall, "total": sum(clock.wall.values())},
+        "cpu_seconds": {**clock.cpu, "total": sum(clock.cpu.values())},
+        "torch_threads": torch.get_num_threads(),
+    }
+    summary["files"] = {**summary.get("files", {}), "figure": str(figure)}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (run_dir / "accuracy.md").write_text(table + "\n")
+    print(table)
+    print(f"wall seconds: {json.dumps({k: round(v, 1) for k, v in summary['wall_seconds'].items()})}")
+    print(f"outputs in {run_dir}")
+    return summary
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as JSON-ready data (a jsonargparse ``Namespace`` as a dict without its ``config`` entries)."""
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items() if k != "__path__" and k != "config"}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
