@@ -45,7 +45,9 @@ def run(cfg: Config) -> list[Result]:
     lit = SamplingDenoiser(width=width, blocks=blocks)
     data = torch.randn(4 * batch, 4, size, size)
     reference = torch.randn(references, 4, size, size)
-    monitor = SampleQualityMonitor((samples, 4, size, size), reference, every_n_steps=1, num_steps=steps)
+    monitor = SampleQualityMonitor(
+        (samples, 4, size, size), reference, every_n_steps=1, sample_kwargs={"num_steps": steps}
+    )
     trainer = L.Trainer(
         max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, accelerator="cpu", devices=1, callbacks=[monitor],

@@ -18,7 +18,7 @@ seed_everything: 123
 trainer:
   max_steps: 2
   callbacks:
-    - class_path: lightning_ldm.callbacks.ScheduleCallback
+    - class_path: lightning_ldm.callbacks.DiffusionSeedCallback
       init_args:
         sampler:
           class_path: lightning_ldm.timestep_samplers.LogitNormalSampler

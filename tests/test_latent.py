@@ -427,7 +427,9 @@ def test_sample_logger_leaves_the_training_weights_bitwise_unchanged(tmp_path: P
         model = LDM()
         context = torch.randn(2, 1, CTX, generator=torch.Generator().manual_seed(2))
         logger = (
-            SampleLogger((2, Z, 4, 4), every_n_steps=2, at_validation_end=False, num_steps=4, cond=context)
+            SampleLogger(
+                (2, Z, 4, 4), every_n_steps=2, at_validation_end=False, cond=context, sample_kwargs={"num_steps": 4}
+            )
             if with_logger
             else None
         )

@@ -130,10 +130,17 @@ def params(model: nn.Module) -> list[Tensor]:
         ({"shape": (2.7, 1, 4, 4)}, TypeError, r"shape\[0\] must be an integer, got 2.7 of type float"),  # 13.7
         ({"shape": (4, 1, 4.9, 4)}, TypeError, r"shape\[2\] must be an integer, got 4.9 of type float"),
         ({"shape": (4, True, 4, 4)}, TypeError, r"shape\[1\] must be an integer, got True of type bool"),
-        ({"num_steps": 0}, ValueError, r"num_steps=0 is out of range"),
-        ({"method": "cosine"}, ValueError, r"method='cosine' is not supported; expected one of 'uniform'"),
-        ({"eta": -0.1}, ValueError, r"eta=-0.1 is out of range"),
-        ({"guidance_scale": 3.0}, ValueError, r"guidance_scale=3 needs both cond and uncond"),
+        ({"sample_kwargs": {"num_steps": 0}}, ValueError, r"sample_kwargs\['num_steps'\]=0 is out of range"),
+        (
+            {"sample_kwargs": {"method": "cosine"}},
+            ValueError,
+            r"sample_kwargs\['method'\]='cosine' is not supported; expected one of 'uniform'",
+        ),
+        ({"sample_kwargs": {"eta": -0.1}}, ValueError, r"sample_kwargs\['eta'\]=-0.1 is out of range"),
+        ({"sample_kwargs": {"guidance_scale": 3.0}}, ValueError, r"guidance_scale=3 needs both cond and uncond"),
+        ({"sample_kwargs": {"steps": 5}}, ValueError, r"sample_kwargs has unknown key\(s\) \['steps'\]; expected some"),
+        ({"sample_kwargs": [("num_steps", 5)]}, TypeError, r"sample_kwargs must be a mapping of sample\(\) options"),
+        ({"sample_kwargs": {"sampler": "dpm"}}, TypeError, r"scheduler must be a diffusers-style scheduler"),
         ({"cond": "text"}, TypeError, r"cond must be a Tensor, a list of Tensors, a mapping .* or None, got str"),
         ({"seed": -1}, ValueError, r"seed=-1 is out of range"),
         ({"value_range": (1, 0)}, ValueError, r"value_range=\(1, 0\) is empty"),
@@ -142,7 +149,7 @@ def params(model: nn.Module) -> list[Tensor]:
         ({"fps": 0}, ValueError, r"fps=0 is out of range"),
         ({"tag": ""}, ValueError, r"tag must be a non-empty string, got ''"),
         ({"tag": 3}, TypeError, r"tag must be a string, got int"),
-        ({"clip_x0": 0.0}, ValueError, r"clip_x0=0 is out of range"),
+        ({"sample_kwargs": {"clip_x0": 0.0}}, ValueError, r"sample_kwargs\['clip_x0'\]=0 is out of range"),
     ],
 )
 def test_constructor_errors(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
@@ -169,28 +176,30 @@ def test_module_without_the_mixin_is_refused() -> None:
 
 # --------------------------------------------------------------------------------------------------- schedule
 def test_every_n_steps_schedule() -> None:
-    logger = Recording(IMAGE, every_n_steps=2, at_validation_end=False, num_steps=5)
+    logger = Recording(IMAGE, every_n_steps=2, at_validation_end=False, sample_kwargs={"num_steps": 5})
     fit(GridDenoiser(), [logger], max_steps=7, limit_val_batches=0)
     assert logger.steps == [2, 4, 6]
 
 
 def test_gradient_accumulation_logs_each_step_once() -> None:
-    logger = Recording(IMAGE, every_n_steps=2, at_validation_end=False, num_steps=5)
+    logger = Recording(IMAGE, every_n_steps=2, at_validation_end=False, sample_kwargs={"num_steps": 5})
     fit(GridDenoiser(), [logger], max_steps=4, limit_val_batches=0, accumulate_grad_batches=2, max_epochs=-1)
     assert logger.steps == [2, 4]
 
 
 def test_at_validation_end_skips_the_sanity_check_and_deduplicates() -> None:
-    logger = Recording(IMAGE, num_steps=5)
+    logger = Recording(IMAGE, sample_kwargs={"num_steps": 5})
     fit(GridDenoiser(), [logger], max_steps=-1, max_epochs=2, limit_train_batches=3, num_sanity_val_steps=1)
     assert logger.steps == [3, 6]
-    both = Recording(IMAGE, every_n_steps=3, num_steps=5)
+    both = Recording(IMAGE, every_n_steps=3, sample_kwargs={"num_steps": 5})
     fit(GridDenoiser(), [both], max_steps=-1, max_epochs=2, limit_train_batches=3)
     assert both.steps == [3, 6]
 
 
 def test_samples_equal_ddim_by_hand_and_repeat() -> None:
-    logger = Recording(IMAGE, every_n_steps=3, at_validation_end=False, num_steps=5, eta=0.7, seed=3)
+    logger = Recording(
+        IMAGE, every_n_steps=3, at_validation_end=False, seed=3, sample_kwargs={"num_steps": 5, "eta": 0.7}
+    )
     fit(GridDenoiser(), [logger], limit_val_batches=0)
     assert len(logger.samples) == 2
     for state, samples in zip(logger.states, logger.samples, strict=True):
@@ -219,7 +228,7 @@ class Greedy(SampleLogger):
 @pytest.mark.parametrize("own_generator", [False, True])
 def test_fit_with_and_without_sample_logger_ends_with_identical_weights(own_generator: bool) -> None:
     results = []
-    for callbacks in ([], [Greedy(IMAGE, every_n_steps=1, num_steps=5, eta=1.0)]):
+    for callbacks in ([], [Greedy(IMAGE, every_n_steps=1, sample_kwargs={"num_steps": 5, "eta": 1.0})]):
         torch.manual_seed(123)
         model = GridDenoiser(dropout=0.5, own_generator=own_generator)
         fit(model, list(callbacks), max_steps=-1, max_epochs=2)
@@ -235,7 +244,7 @@ def test_modes_are_eval_while_sampling_and_restored() -> None:
         def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
             seen.append([m.training for m in pl_module.modules()])
 
-    logger = Recording(IMAGE, every_n_steps=1, at_validation_end=False, num_steps=5)
+    logger = Recording(IMAGE, every_n_steps=1, at_validation_end=False, sample_kwargs={"num_steps": 5})
     model = GridDenoiser()
     fit(model, [logger, After()], max_steps=2, limit_val_batches=0)
     names = [name for name, _ in model.named_modules()]
@@ -246,7 +255,7 @@ def test_modes_are_eval_while_sampling_and_restored() -> None:
 
 def test_only_global_rank_zero_samples(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(L.Trainer, "is_global_zero", property(lambda self: False))
-    logger = Recording(IMAGE, every_n_steps=1, num_steps=5)
+    logger = Recording(IMAGE, every_n_steps=1, sample_kwargs={"num_steps": 5})
     fit(GridDenoiser(), [logger], default_root_dir=tmp_path)
     assert logger.steps == [] and logger.last_samples is None
     assert not (tmp_path / "samples").exists()
@@ -283,10 +292,10 @@ def _state_params(state: dict[str, Tensor], model: nn.Module) -> list[Tensor]:
 def test_samples_use_the_ema_weights_and_training_weights_come_back(at: str) -> None:
     ema = EMAWeightAveraging(decay=0.5)
     if at == "step":
-        logger = Recording(IMAGE, every_n_steps=3, at_validation_end=False, num_steps=5)
+        logger = Recording(IMAGE, every_n_steps=3, at_validation_end=False, sample_kwargs={"num_steps": 5})
         options: dict[str, Any] = {"limit_val_batches": 0}
     else:
-        logger = Recording(IMAGE, num_steps=5)
+        logger = Recording(IMAGE, sample_kwargs={"num_steps": 5})
         options = {"max_steps": -1, "max_epochs": 2, "limit_train_batches": 3}
     after = AveragesAfter(ema)
     torch.manual_seed(9)
@@ -318,7 +327,11 @@ def test_samples_use_the_ema_weights_and_training_weights_come_back(at: str) -> 
 
 def test_warns_when_listed_before_the_averaging_callback() -> None:
     with pytest.warns(UserWarning, match="SampleLogger is listed before a WeightAveraging callback"):
-        fit(GridDenoiser(), [Recording(IMAGE, every_n_steps=3, num_steps=5), EMAWeightAveraging()], max_steps=1)
+        fit(
+            GridDenoiser(),
+            [Recording(IMAGE, every_n_steps=3, sample_kwargs={"num_steps": 5}), EMAWeightAveraging()],
+            max_steps=1,
+        )
 
 
 # ------------------------------------------------------------------------------------- denoiser and first stage
@@ -338,7 +351,7 @@ class WithFirstStage(GridDenoiser):
 
 
 def test_apply_model_and_first_stage_decoding() -> None:
-    logger = Recording(IMAGE, every_n_steps=2, at_validation_end=False, num_steps=5)
+    logger = Recording(IMAGE, every_n_steps=2, at_validation_end=False, sample_kwargs={"num_steps": 5})
     model = WithApplyModel()
     fit(model, [logger], max_steps=2, limit_val_batches=0)
     model.load_state_dict(logger.states[0])
@@ -347,7 +360,7 @@ def test_apply_model_and_first_stage_decoding() -> None:
     assert torch.equal(logger.samples[0], expected)
     assert not torch.allclose(logger.samples[0], by_hand(logger.states[0], logger.noise))
 
-    decoder = Recording(IMAGE, every_n_steps=2, at_validation_end=False, num_steps=5)
+    decoder = Recording(IMAGE, every_n_steps=2, at_validation_end=False, sample_kwargs={"num_steps": 5})
     fit(WithFirstStage(), [decoder], max_steps=2, limit_val_batches=0)
     latents = by_hand(decoder.states[0], decoder.noise)
     assert decoder.samples[0].shape == (4, 1, 8, 8)
@@ -355,7 +368,7 @@ def test_apply_model_and_first_stage_decoding() -> None:
 
 
 def test_sampling_runs_under_the_trainers_precision() -> None:
-    logger = Recording(IMAGE, every_n_steps=2, at_validation_end=False, num_steps=5)
+    logger = Recording(IMAGE, every_n_steps=2, at_validation_end=False, sample_kwargs={"num_steps": 5})
     fit(GridDenoiser(), [logger], max_steps=2, limit_val_batches=0, precision="bf16-mixed")
     state = logger.states[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -372,7 +385,12 @@ def test_guidance_passes_cond_and_uncond() -> None:
 
     cond, uncond = torch.tensor([0.3]), torch.tensor([0.0])
     logger = Recording(
-        IMAGE, every_n_steps=1, at_validation_end=False, num_steps=5, guidance_scale=2.0, cond=cond, uncond=uncond
+        IMAGE,
+        every_n_steps=1,
+        at_validation_end=False,
+        cond=cond,
+        uncond=uncond,
+        sample_kwargs={"num_steps": 5, "guidance_scale": 2.0},
     )
     model = Conditional()
     fit(model, [logger], max_steps=1, limit_val_batches=0)
@@ -400,7 +418,7 @@ def _grid(samples: Tensor) -> np.ndarray:
 
 
 def test_csv_logger_gets_png_files(tmp_path: Path) -> None:
-    logger = Recording(IMAGE, every_n_steps=3, at_validation_end=False, num_steps=5)
+    logger = Recording(IMAGE, every_n_steps=3, at_validation_end=False, sample_kwargs={"num_steps": 5})
     csv = CSVLogger(tmp_path)
     fit(GridDenoiser(), [logger], logger=csv, limit_val_batches=0)
     files = sorted((Path(csv.log_dir) / "samples").iterdir())
@@ -410,7 +428,7 @@ def test_csv_logger_gets_png_files(tmp_path: Path) -> None:
 
 
 def test_no_logger_writes_under_default_root_dir(tmp_path: Path) -> None:
-    logger = Recording(IMAGE, every_n_steps=6, at_validation_end=False, num_steps=5, tag="val/img")
+    logger = Recording(IMAGE, every_n_steps=6, at_validation_end=False, tag="val/img", sample_kwargs={"num_steps": 5})
     fit(GridDenoiser(), [logger], default_root_dir=tmp_path, limit_val_batches=0)
     assert logger.written == [[str(tmp_path / "samples" / "val_img_step0000006.png")]]
 
@@ -418,7 +436,7 @@ def test_no_logger_writes_under_default_root_dir(tmp_path: Path) -> None:
 def test_tensorboard_event_file_holds_the_grids(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    logger = Recording(IMAGE, every_n_steps=3, at_validation_end=False, num_steps=5)
+    logger = Recording(IMAGE, every_n_steps=3, at_validation_end=False, sample_kwargs={"num_steps": 5})
     tb = TensorBoardLogger(tmp_path, name="tb")
     fit(GridDenoiser(), [logger], logger=tb, limit_val_batches=0)
     tb.experiment.flush()
@@ -444,7 +462,13 @@ def test_tensorboard_gets_animated_gifs_for_clips(
 
     shape = (2, 1, 3, 4, 4) if frame_dim == 2 else (2, 3, 1, 4, 4)
     logger = Recording(
-        shape, every_n_steps=2, at_validation_end=False, num_steps=5, frame_dim=frame_dim, max_frames=max_frames, fps=5
+        shape,
+        every_n_steps=2,
+        at_validation_end=False,
+        frame_dim=frame_dim,
+        max_frames=max_frames,
+        fps=5,
+        sample_kwargs={"num_steps": 5},
     )
     tb = TensorBoardLogger(tmp_path, name="tb")
     fit(GridDenoiser(), [logger], logger=tb, loader=images(shape=shape[1:]), max_steps=2, limit_val_batches=0)
@@ -464,7 +488,7 @@ def test_tensorboard_gets_animated_gifs_for_clips(
 
 def test_csv_logger_gets_gif_files_for_clips(tmp_path: Path) -> None:
     shape = (2, 1, 3, 4, 4)
-    logger = Recording(shape, every_n_steps=2, at_validation_end=False, num_steps=5)
+    logger = Recording(shape, every_n_steps=2, at_validation_end=False, sample_kwargs={"num_steps": 5})
     fit(
         GridDenoiser(),
         [logger],
@@ -483,8 +507,10 @@ def test_wandb_offline_run_lists_the_media(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    image_logger = Recording(IMAGE, every_n_steps=3, at_validation_end=False, num_steps=5)
-    clip_logger = Recording((2, 1, 3, 4, 4), every_n_steps=2, at_validation_end=False, num_steps=5, tag="clips")
+    image_logger = Recording(IMAGE, every_n_steps=3, at_validation_end=False, sample_kwargs={"num_steps": 5})
+    clip_logger = Recording(
+        (2, 1, 3, 4, 4), every_n_steps=2, at_validation_end=False, tag="clips", sample_kwargs={"num_steps": 5}
+    )
     wb = WandbLogger(save_dir=str(tmp_path), offline=True, project="sample-logger-test")
     try:
         fit(GridDenoiser(), [image_logger], logger=wb, limit_val_batches=0)
@@ -545,7 +571,7 @@ def test_bf16_true_converts_the_conditions_like_the_noise() -> None:  # 8: bf16-
     cond = {"label": torch.tensor([1]), "vec": torch.tensor([[0.5, -1.0]])}  # float32 and int64, batch 1
     uncond = {"label": torch.tensor([0]), "vec": torch.zeros(1, 2)}
     options: dict[str, Any] = {"num_steps": 5, "guidance_scale": 2.0}
-    logger = Recording(IMAGE, every_n_steps=2, at_validation_end=False, cond=cond, uncond=uncond, **options)
+    logger = Recording(IMAGE, every_n_steps=2, at_validation_end=False, cond=cond, uncond=uncond, sample_kwargs=options)
     fit(CondGrid(), [logger], max_steps=2, limit_val_batches=0, precision="bf16-true")  # crashed at step 2 before
     assert logger.steps == [2] and torch.isfinite(logger.samples[0]).all()
     fresh = CondGrid().to(torch.bfloat16)
@@ -566,7 +592,7 @@ def test_bf16_true_converts_the_conditions_like_the_noise() -> None:  # 8: bf16-
 
 def test_before_the_first_ema_update_the_training_weights_are_sampled_and_tagged(tmp_path: Path) -> None:  # 8: EMA
     ema = EMAWeightAveraging(decay=0.5, update_starting_at_step=4)  # first update at the end of step 5
-    logger = Recording(IMAGE, every_n_steps=2, at_validation_end=False, num_steps=5)
+    logger = Recording(IMAGE, every_n_steps=2, at_validation_end=False, sample_kwargs={"num_steps": 5})
     after = AveragesAfter(ema)
     model = GridDenoiser(lr=0.5)
     weights: list[str | None] = []
@@ -596,25 +622,30 @@ def test_before_the_first_ema_update_the_training_weights_are_sampled_and_tagged
     ("make_logger", "make_model", "match"),
     [
         (
-            lambda: SampleLogger((4, 2, 4, 4), every_n_steps=2, num_steps=5),
+            lambda: SampleLogger((4, 2, 4, 4), every_n_steps=2, sample_kwargs={"num_steps": 5}),
             GridDenoiser,
             r"SampleLogger\(shape=\(4, 2, 4, 4\), frame_dim=2\) gives samples that are no pictures and GridDenoiser "
             r"has no first stage to decode them: write\(\) takes images \(B, C, H, W\) or clips .* with C in \(1, 3\)",
         ),
-        (lambda: SampleLogger((4, 1, 4), every_n_steps=2, num_steps=5), GridDenoiser, r"shape=\(4, 1, 4\), frame_"),
         (
-            lambda: SampleLogger((2, 3, 2, 4, 4), every_n_steps=2, num_steps=5, frame_dim=1),
+            lambda: SampleLogger((4, 1, 4), every_n_steps=2, sample_kwargs={"num_steps": 5}),
+            GridDenoiser,
+            r"shape=\(4, 1, 4\), frame_",
+        ),
+        (
+            lambda: SampleLogger((2, 3, 2, 4, 4), every_n_steps=2, frame_dim=1, sample_kwargs={"num_steps": 5}),
             GridDenoiser,
             r"SampleLogger\(shape=\(2, 3, 2, 4, 4\), frame_dim=1\) gives samples that are no pictures",
         ),
         (
-            lambda: SampleLogger(IMAGE, every_n_steps=2, num_steps=30),
+            lambda: SampleLogger(IMAGE, every_n_steps=2, sample_kwargs={"num_steps": 30}),
             GridDenoiser,
-            r"SampleLogger\(num_steps=30\) is more than the 20 timesteps of GridDenoiser's schedule; expected an "
+            r"SampleLogger\(sample_kwargs=\{'num_steps': 30\}\) is more than the 20 timesteps of GridDenoiser's "
+            r"schedule; expected an "
             r"integer in \[1, 20\]",
         ),
         (
-            lambda: SampleLogger((2, 2, 4, 4), every_n_steps=2, num_steps=5),
+            lambda: SampleLogger((2, 2, 4, 4), every_n_steps=2, sample_kwargs={"num_steps": 5}),
             lambda: __import__("tests.test_latent", fromlist=["LDM"]).LDM("crossattn"),
             r"LDM is conditional \(conditioning_key='crossattn'\) but the SampleLogger has no condition to sample it "
             r"with; pass SampleLogger\(cond=\.\.\., uncond=\.\.\.\)",
@@ -635,7 +666,7 @@ def test_layout_check_leaves_an_overridden_sample_alone() -> None:
         def sample(self, trainer: L.Trainer, pl_module: L.LightningModule, noise: Tensor, generator: Any) -> Tensor:
             return super().sample(trainer, pl_module, noise, generator)[:, :1]
 
-    logger = TwoToOne((4, 2, 4, 4), every_n_steps=2, at_validation_end=False, num_steps=5)
+    logger = TwoToOne((4, 2, 4, 4), every_n_steps=2, at_validation_end=False, sample_kwargs={"num_steps": 5})
     fit(GridDenoiser(), [logger], max_steps=2, limit_val_batches=0)
     assert logger.last_samples is not None and logger.last_samples.shape == (4, 1, 4, 4)
 
@@ -653,7 +684,7 @@ def test_nan_samples_warn_once_and_log_their_count() -> None:  # 8: NaN
     from tests.lightning_helpers import RecordingLogger
 
     metrics = RecordingLogger()
-    logger = Recording(IMAGE, every_n_steps=2, at_validation_end=False, num_steps=5)
+    logger = Recording(IMAGE, every_n_steps=2, at_validation_end=False, sample_kwargs={"num_steps": 5})
     with pytest.warns(
         UserWarning, match=r"SampleLogger: 16 of 64 sample values are NaN at step 2 \(written as black"
     ) as w:
@@ -663,13 +694,17 @@ def test_nan_samples_warn_once_and_log_their_count() -> None:  # 8: NaN
     assert logger.steps == [2, 4] and int(torch.isnan(logger.samples[0]).sum()) == 16
     clean = RecordingLogger()
     fit(
-        GridDenoiser(), [Recording(IMAGE, every_n_steps=2, num_steps=5)], max_steps=4, limit_val_batches=0, logger=clean
+        GridDenoiser(),
+        [Recording(IMAGE, every_n_steps=2, sample_kwargs={"num_steps": 5})],
+        max_steps=4,
+        limit_val_batches=0,
+        logger=clean,
     )
     assert clean.series("samples/nan_count") == []  # nothing logged without NaN
 
 
 def test_a_reused_logger_logs_every_step_of_the_second_fit() -> None:  # 8: reuse
-    logger = Recording(IMAGE, every_n_steps=2, at_validation_end=False, num_steps=5)
+    logger = Recording(IMAGE, every_n_steps=2, at_validation_end=False, sample_kwargs={"num_steps": 5})
     fit(GridDenoiser(), [logger], max_steps=2, limit_val_batches=0)
     fit(GridDenoiser(), [logger], max_steps=4, limit_val_batches=0)
     assert logger.steps == [2, 2, 4]  # the second fit's step 2 was taken for the first fit's before

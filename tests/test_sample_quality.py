@@ -49,10 +49,10 @@ class ImageDenoiser(DiffusionMixin, L.LightningModule):
         return out if cond is None else out + self.cls(cond).view(-1, 1, 1, 1)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self.diffusion_loss(self, batch[0])
+        return self.diffusion_loss(batch[0])
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self.diffusion_loss(self, batch[0])
+        return self.diffusion_loss(batch[0])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr)
@@ -209,7 +209,7 @@ def test_fid_and_kid_equal_torchmetrics_on_the_same_features() -> None:
     logger = RecordingLogger()
     monitor = Recorder(
         (M, 1, 4, 4), REFERENCE, every_n_steps=2, at_validation_end=False, features=features_net(),
-        num_steps=5, guidance_scale=2.0, cond=labels, uncond=labels, seed=11, batch_size=5,
+        cond=labels, uncond=labels, seed=11, batch_size=5, sample_kwargs={"num_steps": 5, "guidance_scale": 2.0},
     )  # fmt: skip
     make_trainer(max_steps=4, callbacks=[EMAWeightAveraging(), monitor], logger=logger).fit(ImageDenoiser(), loader())
     assert [step for step, _ in monitor.published] == [2, 4]
@@ -281,7 +281,12 @@ def test_a_batch_size_does_not_change_the_values() -> None:
     values = []
     for batch_size in (None, 4, 5):
         monitor = Recorder(
-            (M, 1, 4, 4), REFERENCE, every_n_steps=2, at_validation_end=False, batch_size=batch_size, num_steps=4
+            (M, 1, 4, 4),
+            REFERENCE,
+            every_n_steps=2,
+            at_validation_end=False,
+            batch_size=batch_size,
+            sample_kwargs={"num_steps": 4},
         )
         torch.manual_seed(0)  # the same training draws in each fit
         make_trainer(max_steps=2, callbacks=[monitor]).fit(ImageDenoiser(), loader())
@@ -290,7 +295,9 @@ def test_a_batch_size_does_not_change_the_values() -> None:
 
 
 def test_the_default_features_are_random_conv_features_of_the_reference_channels() -> None:
-    monitor = Recorder((M, 1, 4, 4), REFERENCE, every_n_steps=2, at_validation_end=False, num_steps=3)
+    monitor = Recorder(
+        (M, 1, 4, 4), REFERENCE, every_n_steps=2, at_validation_end=False, sample_kwargs={"num_steps": 3}
+    )
     make_trainer(max_steps=2, callbacks=[monitor]).fit(ImageDenoiser(), loader())
     samples = torch.cat(monitor.batches)
     expected = torchmetrics_values(samples, REFERENCE, RandomConvFeatures(1), seed=0)
@@ -307,7 +314,11 @@ def test_training_is_untouched_by_the_monitor() -> None:
         ema = EMAWeightAveraging()
         callbacks: list[Any] = [ema]
         if with_monitor:
-            callbacks.append(SampleQualityMonitor((M, 1, 4, 4), REFERENCE, every_n_steps=1, eta=0.5, num_steps=3))
+            callbacks.append(
+                SampleQualityMonitor(
+                    (M, 1, 4, 4), REFERENCE, every_n_steps=1, sample_kwargs={"eta": 0.5, "num_steps": 3}
+                )
+            )
         trainer = make_trainer(max_steps=4, callbacks=callbacks)
         trainer.fit(model, DataLoader(TensorDataset(images(32, 1)), batch_size=8, shuffle=True))
         assert model.training
@@ -321,7 +332,9 @@ def test_training_is_untouched_by_the_monitor() -> None:
 
 
 def test_model_checkpoint_can_monitor_the_fid(tmp_path: Path) -> None:
-    monitor = Recorder((M, 1, 4, 4), REFERENCE, every_n_steps=2, at_validation_end=False, num_steps=3)
+    monitor = Recorder(
+        (M, 1, 4, 4), REFERENCE, every_n_steps=2, at_validation_end=False, sample_kwargs={"num_steps": 3}
+    )
     checkpoint = ModelCheckpoint(tmp_path, monitor="quality/fid", mode="min", every_n_train_steps=2, save_top_k=1)
     trainer = make_trainer(max_steps=6, callbacks=[monitor, checkpoint], enable_checkpointing=True)
     trainer.fit(ImageDenoiser(lr=0.3), loader())
@@ -335,13 +348,13 @@ def test_model_checkpoint_can_monitor_the_fid(tmp_path: Path) -> None:
 
 
 def test_validation_end_evaluates_and_validate_alone_works() -> None:
-    monitor = Recorder((M, 1, 4, 4), REFERENCE, num_steps=3)
+    monitor = Recorder((M, 1, 4, 4), REFERENCE, sample_kwargs={"num_steps": 3})
     trainer = make_trainer(max_steps=4, limit_val_batches=1, val_check_interval=2, num_sanity_val_steps=1)
     trainer.callbacks.append(monitor)  # type: ignore[attr-defined]
     trainer.fit(ImageDenoiser(), loader(), loader(8))
     assert [step for step, _ in monitor.published] == [2, 4]  # not the sanity check
     model = ImageDenoiser()
-    alone = Recorder((M, 1, 4, 4), REFERENCE, num_steps=3)
+    alone = Recorder((M, 1, 4, 4), REFERENCE, sample_kwargs={"num_steps": 3})
     make_trainer(callbacks=[alone]).validate(model, loader(8), verbose=False)
     assert [step for step, _ in alone.published] == [0]
     assert alone.reference_calls == 1
@@ -349,7 +362,7 @@ def test_validation_end_evaluates_and_validate_alone_works() -> None:
 
 # ----------------------------------------------------------------------------------------------------- resume
 def test_resume_recomputes_the_reference_and_warns_when_it_changed(tmp_path: Path) -> None:
-    first = Recorder((M, 1, 4, 4), REFERENCE, every_n_steps=2, at_validation_end=False, num_steps=3)
+    first = Recorder((M, 1, 4, 4), REFERENCE, every_n_steps=2, at_validation_end=False, sample_kwargs={"num_steps": 3})
     checkpoint = ModelCheckpoint(tmp_path, save_last=True, every_n_train_steps=2, save_top_k=0)
     make_trainer(max_steps=2, callbacks=[first, checkpoint], enable_checkpointing=True).fit(ImageDenoiser(), loader())
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"]
@@ -357,7 +370,7 @@ def test_resume_recomputes_the_reference_and_warns_when_it_changed(tmp_path: Pat
     assert state["last_step"] == 2 and state["reference"]["count"] == 20 and state["reference"]["dim"] == 64
     assert set(state) == {"last_step", "reference"}  # no features in the checkpoint: they are recomputed
 
-    same = Recorder((M, 1, 4, 4), REFERENCE, every_n_steps=2, at_validation_end=False, num_steps=3)
+    same = Recorder((M, 1, 4, 4), REFERENCE, every_n_steps=2, at_validation_end=False, sample_kwargs={"num_steps": 3})
     with pytest.warns() as record:
         make_trainer(max_steps=4, callbacks=[same]).fit(ImageDenoiser(), loader(), ckpt_path=tmp_path / "last.ckpt")
         import warnings
@@ -366,14 +379,18 @@ def test_resume_recomputes_the_reference_and_warns_when_it_changed(tmp_path: Pat
     assert not any("reference features differ" in str(w.message) for w in record)
     assert same.reference_calls == 1 and [step for step, _ in same.published] == [4]  # step 2 not repeated
 
-    changed = Recorder((M, 1, 4, 4), images(20, 99), every_n_steps=2, at_validation_end=False, num_steps=3)
+    changed = Recorder(
+        (M, 1, 4, 4), images(20, 99), every_n_steps=2, at_validation_end=False, sample_kwargs={"num_steps": 3}
+    )
     with pytest.warns(UserWarning, match="reference features differ from those of the checkpoint"):
         make_trainer(max_steps=4, callbacks=[changed]).fit(ImageDenoiser(), loader(), ckpt_path=tmp_path / "last.ckpt")
     assert changed.reference_calls == 1
 
 
 def test_a_second_fit_recomputes_the_reference() -> None:
-    monitor = Recorder((M, 1, 4, 4), REFERENCE, every_n_steps=2, at_validation_end=False, num_steps=3)
+    monitor = Recorder(
+        (M, 1, 4, 4), REFERENCE, every_n_steps=2, at_validation_end=False, sample_kwargs={"num_steps": 3}
+    )
     model = ImageDenoiser()
     make_trainer(max_steps=2, callbacks=[monitor]).fit(model, loader())
     monitor.reference = images(20, 5)
@@ -390,8 +407,8 @@ def test_two_gloo_ranks_give_the_values_of_one_process(tmp_path: Path) -> None:
 
     def monitor(out_dir: str) -> Recorder:
         return Recorder(
-            (13, 1, 4, 4), reference, features=features_net(), num_steps=3, guidance_scale=2.0,
-            cond=labels, uncond=labels, seed=4, out_dir=out_dir,
+            (13, 1, 4, 4), reference, features=features_net(), cond=labels, uncond=labels, seed=4, out_dir=out_dir,
+            sample_kwargs={"num_steps": 3, "guidance_scale": 2.0},
         )  # fmt: skip
 
     single_dir, ddp_dir = tmp_path / "single", tmp_path / "ddp"
@@ -422,8 +439,8 @@ def test_two_gloo_ranks_give_the_values_of_one_process(tmp_path: Path) -> None:
         ({"shape": (1, 1, 4, 4)}, ValueError, r"shape\[0\]=1 is out of range; expected an integer >= 2"),
         ({"reference": torch.zeros(4, 1, dtype=torch.long)}, TypeError, "reference must be a floating tensor"),
         ({"reference": torch.zeros(1, 1, 4, 4)}, ValueError, r"reference.shape\[0\]=1 is out of range"),
-        ({"guidance_scale": 2.0}, ValueError, "guidance_scale=2 needs both cond and uncond"),
-        ({"num_steps": 0}, ValueError, r"num_steps=0 is out of range"),
+        ({"sample_kwargs": {"guidance_scale": 2.0}}, ValueError, "guidance_scale=2 needs both cond and uncond"),
+        ({"sample_kwargs": {"num_steps": 0}}, ValueError, r"sample_kwargs\['num_steps'\]=0 is out of range"),
     ],
 )
 def test_bad_arguments_are_refused(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
@@ -445,20 +462,22 @@ def test_a_module_that_cannot_sample_is_refused_at_setup() -> None:
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     monitor = SampleQualityMonitor((M, 1, 4, 4), REFERENCE, every_n_steps=1)
-    with pytest.raises(TypeError, match=r"SampleQualityMonitor needs a module with ddim_sample .* got Plain"):
+    with pytest.raises(TypeError, match=r"SampleQualityMonitor needs a LightningModule that mixes in .* got Plain"):
         make_trainer(callbacks=[monitor]).fit(Plain(), loader())
 
 
 def test_a_kid_subset_larger_than_the_sets_and_a_non_image_reference_are_refused() -> None:
-    too_big = SampleQualityMonitor((M, 1, 4, 4), REFERENCE, every_n_steps=1, kid_subset_size=15, num_steps=2)
+    too_big = SampleQualityMonitor(
+        (M, 1, 4, 4), REFERENCE, every_n_steps=1, kid_subset_size=15, sample_kwargs={"num_steps": 2}
+    )
     with pytest.raises(ValueError, match=r"kid_subset_size=15 exceeds the 12 samples or the 20 reference images"):
         make_trainer(callbacks=[too_big]).fit(ImageDenoiser(), loader())
-    flat = SampleQualityMonitor((M, 1, 4, 4), torch.zeros(5, 16), every_n_steps=1, num_steps=2)
+    flat = SampleQualityMonitor((M, 1, 4, 4), torch.zeros(5, 16), every_n_steps=1, sample_kwargs={"num_steps": 2})
     with pytest.raises(ValueError, match=r"default feature extractor takes images \(N, C, H, W\), got reference shape"):
         make_trainer(callbacks=[flat]).fit(ImageDenoiser(), loader())
 
 
 def test_an_averaging_callback_listed_after_is_warned_about() -> None:
-    monitor = SampleQualityMonitor((M, 1, 4, 4), REFERENCE, every_n_steps=2, num_steps=2)
+    monitor = SampleQualityMonitor((M, 1, 4, 4), REFERENCE, every_n_steps=2, sample_kwargs={"num_steps": 2})
     with pytest.warns(UserWarning, match="listed before a WeightAveraging callback"):
         make_trainer(max_steps=2, callbacks=[monitor, EMAWeightAveraging()]).fit(ImageDenoiser(), loader())

@@ -124,7 +124,7 @@ def test_an_object_without_the_protocol_is_refused(scheduler: Any, match: str) -
     with pytest.raises(TypeError, match=match):
         LDM().ddim_sample(None, (1, Z, 4, 4), scheduler=scheduler)
     with pytest.raises(TypeError, match=match):
-        SampleLogger((1, Z, 4, 4), scheduler=scheduler)
+        SampleLogger((1, Z, 4, 4), sample_kwargs={"sampler": scheduler})
 
 
 def test_argument_errors() -> None:

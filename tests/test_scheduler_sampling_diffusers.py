@@ -292,11 +292,15 @@ def test_sample_logger_refuses_a_mismatched_scheduler_at_fit_start() -> None:
         def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
             steps.append(trainer.global_step)
 
-    logger = SampleLogger((2, Z, 4, 4), every_n_steps=3, at_validation_end=False, num_steps=T, scheduler=sched)
+    logger = SampleLogger(
+        (2, Z, 4, 4), every_n_steps=3, at_validation_end=False, sample_kwargs={"num_steps": T, "sampler": sched}
+    )
     with pytest.raises(ValueError, match=r"num_steps=20 is more than DPMSolverMultistepScheduler supports"):
         make_trainer(max_steps=4, callbacks=[logger, Count()]).fit(model, loader())
     other = DDIMScheduler.from_config({})  # 1000 training timesteps
-    logger = SampleLogger((2, Z, 4, 4), every_n_steps=3, at_validation_end=False, num_steps=5, scheduler=other)
+    logger = SampleLogger(
+        (2, Z, 4, 4), every_n_steps=3, at_validation_end=False, sample_kwargs={"num_steps": 5, "sampler": other}
+    )
     with pytest.raises(ValueError, match=r"DDIMScheduler has num_train_timesteps=1000 but the model's schedule has 20"):
         make_trainer(max_steps=4, callbacks=[logger, Count()]).fit(model, loader())
     assert steps == []  # refused before the first training step

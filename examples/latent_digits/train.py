@@ -27,7 +27,7 @@ from examples.latent_digits.autoencoder import DigitAutoencoder, load_or_train_a
 from examples.latent_digits.classifier import DigitClassifier
 from examples.latent_digits.data import NUM_CLASSES, DigitsDataModule
 from examples.latent_digits.denoiser import LatentDenoiser
-from lightning_ldm.callbacks import SampleLogger, SampleQualityMonitor, ScheduleCallback, TimestepLossMonitor
+from lightning_ldm.callbacks import DiffusionSeedCallback, SampleLogger, SampleQualityMonitor, TimestepLossMonitor
 
 log = logging.getLogger("examples.latent_digits")
 
@@ -116,19 +116,20 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
     sampling = {"num_steps": train.grid_ddim_steps, "guidance_scale": train.grid_guidance_scale}
     quality_labels = torch.arange(NUM_CLASSES).repeat_interleave(train.quality_per_class)
     callbacks = [
-        ScheduleCallback(seed=config.seed),
+        DiffusionSeedCallback(seed=config.seed),
         EMAWeightAveraging(decay=train.ema_decay, update_starting_at_step=train.ema_start),
         TimestepLossMonitor(log_every_n_steps=train.bucket_loss_every_n_steps),
         # after the EMA callback: grids and FIDs judge the EMA weights, that step's update included
         SampleLogger(
             (grid_labels.shape[0], *model.latent_shape), every_n_steps=train.grid_every_n_steps,
             at_validation_end=False, cond=grid_labels, uncond=model.null_labels(grid_labels),
-            seed=options.sample_seed, nrow=train.grid_per_class, **sampling,
+            seed=options.sample_seed, nrow=train.grid_per_class, sample_kwargs=sampling,
         ),
         SampleQualityMonitor(
             (quality_labels.shape[0], *model.latent_shape), split.holdout_images,
             every_n_steps=train.quality_every_n_steps, at_validation_end=False, features=report.quality_features(),
-            cond=quality_labels, uncond=model.null_labels(quality_labels), seed=options.sample_seed, **sampling,
+            cond=quality_labels, uncond=model.null_labels(quality_labels), seed=options.sample_seed,
+            sample_kwargs=sampling,
         ),
     ]  # fmt: skip
     # the CSV logger comes first: its folder <run_dir>/denoiser/ gets metrics.csv and the grids' PNG files

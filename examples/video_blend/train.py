@@ -13,7 +13,7 @@ This file is the template to copy: LightningCLI builds the :class:`~examples.vid
 (a ``DiffusionMixin`` LightningModule), the :class:`~examples.video_blend.data.VideoClipDataModule` and a Trainer
 with the library's callbacks, all named in ``config.yaml``:
 
-* ``ScheduleCallback``: seeded timesteps and noise, per rank and per batch;
+* ``DiffusionSeedCallback``: seeded timesteps and noise, per rank and per batch;
 * ``TimestepLossMonitor``: the training loss by timestep bucket and the log-SNR curve;
 * ``AlphaBlenderMonitor``: each ``AlphaBlender``'s α;
 * Lightning's ``EMAWeightAveraging``: evaluation and sampling use the averaged weights;
