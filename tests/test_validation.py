@@ -46,7 +46,7 @@ def test_noise_differs_between_keys_and_is_float32() -> None:
 
 def _by_hand_loss(model: TinyDenoiser, x: Tensor, t: int, noise: Tensor) -> Tensor:
     """eps-parameterization L2 loss from the tables, without diffusion_loss: mean((net(x_t, t) − ε)²)."""
-    abar = model.alphas_cumprod[t].double()
+    abar = model.noise_schedule.table("alphas_cumprod")[t].double()  # type: ignore[union-attr]
     x_t = (abar.sqrt() * x.double() + (1 - abar).sqrt() * noise.double()).float()
     tt = torch.full((x.shape[0],), t, dtype=torch.long)
     return (model.net(x_t, tt).double() - noise.double()).square().mean()
@@ -57,7 +57,7 @@ def test_losses_equal_a_by_hand_loss_and_repeat_exactly() -> None:
     x = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
 
     def loss_fn(x_start: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        return model.diffusion_loss(model.net, x_start, t=t, noise=noise)
+        return model.diffusion_loss(x_start, t=t, noise=noise)
 
     with torch.no_grad():
         first = fixed_timestep_losses(loss_fn, x, GRID, seed=11, batch_index=2, dataloader_index=1)
@@ -124,13 +124,13 @@ class FixedGridDenoiser(TinyDenoiser):
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         x = batch[0]
         losses = fixed_timestep_losses(
-            lambda x0, t, n: self.diffusion_loss(self.net, x0, t=t, noise=n),
+            lambda x0, t, n: self.diffusion_loss(x0, t=t, noise=n),
             x,
             GRID,
             seed=4,
             batch_index=batch_idx,
             dataloader_index=dataloader_idx,
-            num_timesteps=self.num_timesteps,
+            num_timesteps=self.noise_schedule.num_timesteps,  # type: ignore[union-attr]
         )
         return log_timestep_losses(self, losses, prefix="val/fixed", batch_size=x.shape[0])
 
