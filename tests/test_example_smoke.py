@@ -145,8 +145,8 @@ def test_gradient_checkpointing_recomputes_and_keeps_the_gradients() -> None:
                 module.in_layers.register_forward_hook(count)
         x = _clips()
         loss = model.diffusion_loss(
-            model.net, x, t=torch.tensor([5, 900]), noise=torch.ones_like(x),
-            model_kwargs={"image_only_indicator": torch.tensor([[False] * 4, [True] * 4])},
+            x, {"image_only_indicator": torch.tensor([[False] * 4, [True] * 4])},
+            t=torch.tensor([5, 900]), noise=torch.ones_like(x),
         )  # fmt: skip
         loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, calls

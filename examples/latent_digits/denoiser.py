@@ -5,7 +5,7 @@
 latents are scaled by ``1/std`` of the first training batch's latents, as CompVis' ``LatentDiffusion``); the class
 label is its condition under CompVis' ``"adm"`` key (``apply_model`` calls ``self.model(x, t, y=label)``), dropped to
 the null class ``NUM_CLASSES`` with probability ``p_uncond`` during training (what classifier-free guidance needs);
-it trains with :meth:`~lightning_ldm.latent.LatentDiffusionMixin.latent_diffusion_loss` and samples with DDIM and
+it trains with :meth:`~lightning_ldm.latent.LatentDiffusionMixin.diffusion_loss` and samples with DDIM and
 guidance through :meth:`~lightning_ldm.latent.LatentDiffusionMixin.sample`.
 """
 
@@ -92,7 +92,7 @@ class LatentDenoiser(LatentDiffusionMixin, L.LightningModule):
         timesteps: Training timesteps T.
         parameterization: ``"eps"``, ``"v"`` or ``"x0"``.
         p_uncond: Probability that a training sample's class is replaced by the null class.
-        loss_weighting: ``"none"`` or ``"min_snr"`` (see ``DiffusionMixin.loss_weights``).
+        loss_weighting: ``"none"`` or ``"min_snr"`` (see ``NoiseSchedule.loss_weights``).
         lr: Peak AdamW learning rate (linear warm-up, then cosine decay to 0 at ``trainer.max_steps``).
         weight_decay: AdamW weight decay.
         warmup_steps: Warm-up steps.
@@ -139,7 +139,7 @@ class LatentDenoiser(LatentDiffusionMixin, L.LightningModule):
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         images, labels = batch
-        loss = self.latent_diffusion_loss(images, cond=labels, loss_weighting=self.hparams["loss_weighting"])
+        loss = self.diffusion_loss(images, cond=labels, loss_weighting=self.hparams["loss_weighting"])
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

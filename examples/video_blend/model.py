@@ -301,6 +301,8 @@ class VideoDenoiser(DiffusionMixin, L.LightningModule):
         eval_seed: Seed of the validation noise (the same noise for every model evaluated).
     """
 
+    denoiser_name = "net"  # apply_model (the loss, the samplers) calls self.net
+
     def __init__(
         self,
         in_channels: int = 1,
@@ -357,9 +359,8 @@ class VideoDenoiser(DiffusionMixin, L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """One diffusion loss on a batch of clips (one timestep per clip, shared by its frames)."""
         loss = self.diffusion_loss(
-            self.net,
             batch["video"],
-            model_kwargs={"image_only_indicator": batch["image_only_indicator"]},
+            {"image_only_indicator": batch["image_only_indicator"]},
             loss_weighting=self.hparams["loss_weighting"],
         )
         self.log("train/loss", loss, prog_bar=True)
@@ -368,12 +369,11 @@ class VideoDenoiser(DiffusionMixin, L.LightningModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         """Denoising loss at the fixed timestep grid with fixed noise (unweighted, comparable across runs)."""
         self.fixed_timestep_loss(
-            self.net,
             batch["video"],
             self.hparams["eval_timesteps"],
+            {"image_only_indicator": batch["image_only_indicator"]},
             batch_index=batch_idx,
             seed=self.hparams["eval_seed"],
-            model_kwargs={"image_only_indicator": batch["image_only_indicator"]},
         )
 
     def configure_optimizers(self) -> Any:

@@ -160,14 +160,13 @@ def _sample(model: VideoDenoiser, data: VideoClipDataModule, options: ReportOpti
     shape = (options.num_samples, hp["frames"], hp["channels"], hp["size"], hp["size"])
     generator = torch.Generator().manual_seed(options.sample_seed)
     video = torch.zeros(shape[:2], dtype=torch.bool, device=model.device)
-    samples = model.ddim_sample(
-        model.net,
+    samples = model.sample(
         shape,
         num_steps=options.ddim_steps,
         method=options.ddim_method,
         eta=options.eta,
         generator=generator,
-        model_kwargs={"image_only_indicator": video},
+        cond={"image_only_indicator": video},
     )
     assert isinstance(samples, Tensor)  # return_intermediates=False
     return samples.float().cpu().clamp(-1.0, 1.0)
