@@ -6,6 +6,7 @@ import lightning.pytorch as L
 import torch
 from torch import Tensor, nn
 
+from lightning_ldm.compat import CompVisCompat
 from lightning_ldm.embedding import timestep_embedding
 from lightning_ldm.mixin import DiffusionMixin
 
@@ -34,6 +35,8 @@ class ConvDenoiser(nn.Module):
 class LitDenoiser(DiffusionMixin, L.LightningModule):
     """The same network trained through ``DiffusionMixin.diffusion_loss`` (eps target, plain L2)."""
 
+    denoiser_name = "net"
+
     def __init__(self, width: int = 64, blocks: int = 3, timesteps: int = 1000, lr: float = 1e-4) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -42,7 +45,11 @@ class LitDenoiser(DiffusionMixin, L.LightningModule):
         self.lr = lr
 
     def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
-        return self.diffusion_loss(self.net, batch[0])
+        return self.diffusion_loss(batch[0])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.net.parameters(), lr=self.lr)
+
+
+class CompVisLitDenoiser(CompVisCompat, LitDenoiser):
+    """``LitDenoiser`` with CompVis' names: loads CompVis state dicts that carry the schedule tables."""

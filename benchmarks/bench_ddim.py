@@ -2,7 +2,7 @@
 
 Each round times (a) ``ddim_sample(model_fn, x_T, alphas_cumprod, num_steps=50)`` and (b) the same 50 forward calls
 alone (same model, same inputs shape, the same timesteps, under no_grad); the overhead is ``(a − b) / a`` in %, the
-median over rounds. The mixin's ``ddim_sample`` (eval mode, precision context, conditioning plumbing) is measured the
+median over rounds. The mixin's ``sample`` (eval mode, precision context, conditioning plumbing) is measured the
 same way, and diffusers' ``DDIMScheduler`` loop is shown for reference.
 """
 
@@ -31,9 +31,11 @@ def run(cfg: Config) -> list[Result]:
     torch.manual_seed(0)
     lit = LitDenoiser(width=width, blocks=blocks).eval()
     net = lit.net
-    alphas_cumprod = lit.alphas_cumprod
+    schedule = lit.noise_schedule
+    assert schedule is not None
+    alphas_cumprod = schedule.table("alphas_cumprod")
     x_T = torch.randn(batch, 4, size, size)
-    ts = make_ddim_timesteps("uniform", steps, lit.num_timesteps, verbose=False)
+    ts = make_ddim_timesteps("uniform", steps, schedule.num_timesteps, verbose=False)
     t_rows = [torch.full((batch,), int(t), dtype=torch.long) for t in ts[::-1]]
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -43,7 +45,7 @@ def run(cfg: Config) -> list[Result]:
         return ddim_sample(model_fn, x_T, alphas_cumprod, num_steps=steps)
 
     def mixin_loop() -> torch.Tensor:
-        return lit.ddim_sample(net, x_T.shape, num_steps=steps, x_T=x_T)
+        return lit.sample(x_T.shape, num_steps=steps, x_T=x_T)
 
     @torch.no_grad()
     def forwards() -> None:
@@ -53,7 +55,7 @@ def run(cfg: Config) -> list[Result]:
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler(
-        num_train_timesteps=lit.num_timesteps,
+        num_train_timesteps=schedule.num_timesteps,
         beta_schedule="scaled_linear",
         beta_start=0.00085,
         beta_end=0.012,
@@ -71,7 +73,7 @@ def run(cfg: Config) -> list[Result]:
         return x
 
     if not torch.equal(loop(), mixin_loop()):
-        raise AssertionError("DDIM: the mixin's ddim_sample and the core's give different samples")
+        raise AssertionError("DDIM: the mixin's sample and the core's ddim_sample give different samples")
     run_cfg = cfg if cfg.quick else replace(cfg, rounds=min(cfg.rounds, ROUNDS), min_sample_s=0.0)
     timing = interleaved(
         {"loop": loop, "mixin": mixin_loop, "diffusers": diffusers_loop, "forwards": forwards}, run_cfg
@@ -102,7 +104,7 @@ def run(cfg: Config) -> list[Result]:
         ),
         Result(
             "DDIM sampling",
-            f"{case}: `DiffusionMixin.ddim_sample`",
+            f"{case}: `DiffusionMixin.sample`",
             "(loop - forwards) / loop",
             overhead("mixin"),
             GOAL,

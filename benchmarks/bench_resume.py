@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks._harness import Config, Result, interleaved, us
-from benchmarks._models import LitDenoiser
+from benchmarks._models import CompVisLitDenoiser, LitDenoiser
+from lightning_ldm.noise_schedule import SCHEDULE_TABLES
 
 GOAL = 1.0  # "negligible": at most 1 % of the load
 
@@ -54,11 +55,11 @@ def run(cfg: Config) -> list[Result]:
             raise AssertionError("the checkpoint carries no schedule fingerprint")
 
         # a CompVis-style state dict: the weights plus every schedule table
-        tables = {name: getattr(lit, name).clone() for name in lit.schedule_table_names}
+        tables = {name: lit.noise_schedule.table(name).clone() for name in SCHEDULE_TABLES}  # type: ignore[union-attr]
         state_with_tables = {**lit.state_dict(), **tables}
 
-        checked = LitDenoiser(width=width, blocks=blocks)
-        unchecked = LitDenoiser(width=width, blocks=blocks)
+        checked = CompVisLitDenoiser(width=width, blocks=blocks)  # CompVisCompat: loads state dicts with tables
+        unchecked = CompVisLitDenoiser(width=width, blocks=blocks)
         unchecked.check_schedule_on_load = False
 
         fns = {

@@ -70,9 +70,11 @@ def run_case(cfg: Config, batch: int, size: int, width: int, blocks: int, warmup
     lit = LitDenoiser(width=width, blocks=blocks)
     net = lit.net  # the very same parameters (same memory), with an optimizer of its own
     opt = torch.optim.AdamW(net.parameters(), lr=lit.lr)
-    sqrt_abar = lit.sqrt_alphas_cumprod.clone()
-    sqrt_1m_abar = lit.sqrt_one_minus_alphas_cumprod.clone()
-    T = lit.num_timesteps
+    schedule = lit.noise_schedule
+    assert schedule is not None
+    sqrt_abar = schedule.table("sqrt_alphas_cumprod").clone()
+    sqrt_1m_abar = schedule.table("sqrt_one_minus_alphas_cumprod").clone()
+    T = schedule.num_timesteps
     n_steps = warmup + steps + 1
     loader = DataLoader(TensorDataset(torch.randn(n_steps * batch, 4, size, size)), batch_size=batch)
 
