@@ -6,6 +6,7 @@ import lightning.pytorch as L
 import torch
 from torch import Tensor, nn
 
+from lightning_ldm.compat import CompVisCompat
 from lightning_ldm.embedding import timestep_embedding
 from lightning_ldm.mixin import DiffusionMixin
 
@@ -48,3 +49,7 @@ class LitDenoiser(DiffusionMixin, L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.net.parameters(), lr=self.lr)
+
+
+class CompVisLitDenoiser(CompVisCompat, LitDenoiser):
+    """``LitDenoiser`` with CompVis' names: loads CompVis state dicts that carry the schedule tables."""

@@ -66,8 +66,8 @@ def test_cli_builds_model_and_callbacks(tmp_path: Path) -> None:
     assert cli.trainer.max_steps == 2 and cli.trainer.logger is None  # the YAML over TRAINER_DEFAULTS
     model = cli.model
     assert isinstance(model, TinyDenoiser)
-    assert model.num_timesteps == 30 and model.parameterization == "v"
-    assert model.schedule_fingerprint["beta_schedule"] == "cosine"
+    assert model.noise_schedule.num_timesteps == 30 and model.noise_schedule.parameterization == "v"
+    assert model.noise_schedule.fingerprint["beta_schedule"] == "cosine"
     callbacks = {type(cb): cb for cb in cli.trainer.callbacks}
     schedule = callbacks[ScheduleCallback]
     assert isinstance(schedule, ScheduleCallback)

@@ -13,14 +13,14 @@ from torch import Tensor
 
 from lightning_ldm.callbacks import ScheduleCallback
 from lightning_ldm.noise_schedule import SCHEDULE_TABLES
-from tests.lightning_helpers import TinyDenoiser, make_loader, make_trainer
+from tests.lightning_helpers import CompVisTinyDenoiser, make_loader, make_trainer
 
 DECAY = 0.9
 N = 8
 
 
-class _Watch(TinyDenoiser):
-    """Records the live weights after every optimizer step and the tables that validation sees."""
+class _Watch(CompVisTinyDenoiser):
+    """Records the live weights after every optimizer step and the tables (CompVis' names) that validation sees."""
 
     def __init__(self) -> None:
         super().__init__(timesteps=20)
@@ -84,13 +84,6 @@ def test_ema_alone_cannot_reach_the_tables() -> None:
     assert not set(SCHEDULE_TABLES) & {name for name, _ in averaged.named_buffers()}
     assert model.tables_exact()
     assert averaged.noise_schedule.fingerprint == model.noise_schedule.fingerprint
-
-
-def test_restore_schedule_tables_is_a_deprecated_no_op() -> None:
-    model = _Watch()
-    with pytest.warns(DeprecationWarning, match=r"restore_schedule_tables\(\) is deprecated and does nothing"):
-        assert model.restore_schedule_tables() == []
-    assert model.tables_exact()
 
 
 class _CrashAt(Callback):

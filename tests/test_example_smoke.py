@@ -181,8 +181,8 @@ def test_gradient_checkpointing_callback_recomputes_the_blocks_and_keeps_the_gra
             callback.on_fit_start(None, model)  # type: ignore[arg-type]  # the trainer is not used
         x = _clips()
         loss = model.diffusion_loss(
-            model.net, x, t=torch.tensor([5, 900]), noise=torch.ones_like(x),
-            model_kwargs={"image_only_indicator": torch.tensor([[False] * 4, [True] * 4])},
+            x, {"image_only_indicator": torch.tensor([[False] * 4, [True] * 4])},
+            t=torch.tensor([5, 900]), noise=torch.ones_like(x),
         )  # fmt: skip
         loss.backward()
         if checkpointed:

@@ -119,6 +119,16 @@ def test_mapping_conditioning_is_merged_into_the_keywords() -> None:
             ValueError,
             r"cond and uncond must name the same keywords, got \['context'\] and \['c'\]",
         ),
+        (  # nested dicts (CompVis' c_concat/c_crossattn) that name different keys
+            {
+                "guidance_scale": 2.0,
+                "cond": {"cond": {"c_concat": [torch.ones(B)], "c_crossattn": [torch.ones(B)]}},
+                "uncond": {"cond": {"c_crossattn": [torch.ones(B)]}},
+            },
+            ValueError,
+            r"cond\['cond'\] and uncond\['cond'\] must name the same keys, got \['c_concat', 'c_crossattn'\] and "
+            r"\['c_crossattn'\]",
+        ),
         (
             {"guidance_scale": 2.0, "cond": {"context": "a cat"}, "uncond": {"context": ""}},
             TypeError,

@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import Tensor
 
+from lightning_ldm._checks import check_scheduler
 from lightning_ldm.callbacks.sample_logger import SampleLogger
-from lightning_ldm.scheduler_sampling import check_scheduler, scheduler_sample
+from lightning_ldm.scheduler_sampling import scheduler_sample
 from tests.test_latent import LDM, Z
 
 
@@ -122,7 +123,7 @@ def test_an_object_without_the_protocol_is_refused(scheduler: Any, match: str) -
     with pytest.raises(TypeError, match=match):
         scheduler_sample(model_fn, torch.zeros(1, 2), scheduler)
     with pytest.raises(TypeError, match=match):
-        LDM().ddim_sample(None, (1, Z, 4, 4), scheduler=scheduler)
+        LDM().sample((1, Z, 4, 4), sampler=scheduler)
     with pytest.raises(TypeError, match=match):
         SampleLogger((1, Z, 4, 4), sample_kwargs={"sampler": scheduler})
 
@@ -134,12 +135,12 @@ def test_argument_errors() -> None:
         scheduler_sample(model_fn, torch.zeros(1, 2, dtype=torch.long), Linear())
 
 
-def test_ddim_sample_runs_the_scheduler_through_apply_model() -> None:
+def test_sample_runs_the_scheduler_through_apply_model() -> None:
     model = LDM("crossattn")
     model.eval()
     x_T = torch.randn(2, Z, 4, 4, generator=torch.Generator().manual_seed(3))
     context = torch.randn(2, 1, 6, generator=torch.Generator().manual_seed(4))
-    out = model.sample(x_T.shape, cond=context, x_T=x_T, scheduler=Linear(), num_steps=3, decode=False)
+    out = model.sample(x_T.shape, cond=context, x_T=x_T, sampler=Linear(), num_steps=3, decode=False)
     expected = x_T.clone()
     with torch.no_grad():
         for t in (3, 2, 1):

@@ -281,6 +281,8 @@ class VideoDenoiser(DiffusionMixin, L.LightningModule):
         eval_seed: Seed of the validation noise (the same noise for every model evaluated).
     """
 
+    denoiser_name = "net"  # apply_model (the loss, the samplers) calls self.net
+
     def __init__(
         self,
         in_channels: int = 1,
