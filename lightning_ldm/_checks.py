@@ -27,6 +27,7 @@ __all__ = [
     "check_int",
     "check_real",
     "check_same_shape",
+    "check_sampler",
     "check_samples",
     "check_scheduler",
     "check_scheduler_steps",
@@ -337,6 +338,29 @@ def _config_value(scheduler: Any, key: str) -> Any:
     """``scheduler.config[key]`` (diffusers' ``FrozenDict``, a mapping or an object), ``None`` when absent."""
     config = getattr(scheduler, "config", None)
     return config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+
+
+def check_sampler(sampler: Any) -> bool:
+    """Check a ``sampler=`` argument: ``"ddim"`` or a diffusers-style scheduler object; return whether it is DDIM.
+
+    Raises:
+        ValueError: A string other than ``"ddim"``.
+        TypeError: An object without callable ``set_timesteps`` and ``step``.
+    """
+    if isinstance(sampler, str):
+        if sampler != "ddim":
+            raise ValueError(
+                f"sampler={sampler!r} is not supported; expected 'ddim' or a diffusers-style scheduler object (e.g. "
+                "DPMSolverMultistepScheduler.from_config(module.noise_schedule.to_diffusers_config()))"
+            )
+        return True
+    missing = [name for name in ("set_timesteps", "step") if not callable(getattr(sampler, name, None))]
+    if missing:
+        raise TypeError(
+            f"sampler must be 'ddim' or a diffusers-style scheduler with set_timesteps() and step(), but "
+            f"{type(sampler).__name__} has no {' or '.join(missing)}"
+        )
+    return False
 
 
 def check_scheduler(scheduler: Any, schedule: Any = None, num_steps: int | None = None) -> None:

@@ -41,6 +41,7 @@ from lightning_ldm._checks import (
     check_floating,
     check_real,
     check_same_shape,
+    check_sampler,
     check_samples,
     check_scheduler,
     check_shape,
@@ -314,9 +315,9 @@ class DiffusionMixin(_Base):
     def fixed_timestep_loss(
         self,
         x_start: Tensor,
-        timesteps: Sequence[int],
         cond: Any = None,
         *,
+        timesteps: Sequence[int],
         batch_index: int,
         seed: int = 0,
         dataloader_index: int = 0,
@@ -401,7 +402,7 @@ class DiffusionMixin(_Base):
         if x_T is not None and tuple(x_T.shape) != shape:
             raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected shape {shape}")
         schedule = self._require_schedule()
-        ddim = isinstance(sampler, str) and sampler == "ddim"
+        ddim = check_sampler(sampler)
         if not ddim:
             check_scheduler(sampler, schedule)
             if return_intermediates or clip_x0 is not None:

@@ -532,7 +532,8 @@ def test_alpha_blender_monitor_epoch_interval_and_no_blender_warning() -> None:
 def test_gather_of_uneven_rank_losses_keeps_rank_order() -> None:
     from lightning_ldm.callbacks._diffusion import gather_ranked
 
-    other = [torch.tensor([3]), torch.tensor([7, 8, 9]), torch.tensor([0.7, 0.8, 0.9])]  # what "rank 1" sends
+    # what "rank 1" sends: its size and its t, then its size and its losses
+    other = [torch.tensor([3]), torch.tensor([7, 8, 9]), torch.tensor([3]), torch.tensor([0.7, 0.8, 0.9])]
 
     class _TwoRanks:
         def all_gather(self, x: Tensor) -> Tensor:

@@ -9,7 +9,12 @@ import pytest
 import torch
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_ldm.callbacks import AlphaBlenderMonitor, GradientCheckpointing, ScheduleCallback, TimestepLossMonitor
+from lightning_ldm.callbacks import (
+    AlphaBlenderMonitor,
+    DiffusionSeedCallback,
+    GradientCheckpointing,
+    TimestepLossMonitor,
+)
 from lightning_ldm.timestep_samplers import LogitNormalSampler
 from tests.lightning_helpers import TRAINER_DEFAULTS, TinyDataModule, TinyDenoiser
 
@@ -20,7 +25,7 @@ trainer:
   callbacks:
     - class_path: lightning_ldm.callbacks.DiffusionSeedCallback
       init_args:
-        sampler:
+        timestep_sampler:
           class_path: lightning_ldm.timestep_samplers.LogitNormalSampler
           init_args:
             mean: 0.5
@@ -42,7 +47,7 @@ model:
 """
 
 
-SAMPLER_BLOCK = """sampler:
+SAMPLER_BLOCK = """timestep_sampler:
           class_path: lightning_ldm.timestep_samplers.LogitNormalSampler
           init_args:
             mean: 0.5
@@ -69,8 +74,8 @@ def test_cli_builds_model_and_callbacks(tmp_path: Path) -> None:
     assert model.noise_schedule.num_timesteps == 30 and model.noise_schedule.parameterization == "v"
     assert model.noise_schedule.fingerprint["beta_schedule"] == "cosine"
     callbacks = {type(cb): cb for cb in cli.trainer.callbacks}
-    schedule = callbacks[ScheduleCallback]
-    assert isinstance(schedule, ScheduleCallback)
+    schedule = callbacks[DiffusionSeedCallback]
+    assert isinstance(schedule, DiffusionSeedCallback)
     assert isinstance(schedule.sampler, LogitNormalSampler) and schedule.sampler.mean == 0.5
     assert schedule.seed is None
     assert callbacks[TimestepLossMonitor].num_buckets == 5  # type: ignore[attr-defined]
@@ -83,7 +88,7 @@ def test_cli_fit_runs_with_the_callbacks(tmp_path: Path) -> None:
         ["fit", "--config", _write(tmp_path, CONFIG), "--trainer.default_root_dir", str(tmp_path)],
         save_config_callback=None,
     )
-    schedule = next(cb for cb in cli.trainer.callbacks if isinstance(cb, ScheduleCallback))
+    schedule = next(cb for cb in cli.trainer.callbacks if isinstance(cb, DiffusionSeedCallback))
     assert cli.trainer.global_step == 2 and schedule.batch_counter == 2
     assert schedule.resolved_seed == 123  # seed_everything of the config, through PL_GLOBAL_SEED
     assert any(name.startswith("loss_bucket/") for name in cli.trainer.callback_metrics)
@@ -106,5 +111,5 @@ def test_cli_refuses_bad_callback_config(tmp_path: Path, old: str, new: str, mat
 
 def test_cli_refuses_unknown_sampler_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        _cli(["--config", _write(tmp_path, CONFIG.replace(SAMPLER_BLOCK, "sampler: bogus\n"))], run=False)
-    assert "sampler" in capsys.readouterr().err
+        _cli(["--config", _write(tmp_path, CONFIG.replace(SAMPLER_BLOCK, "timestep_sampler: bogus\n"))], run=False)
+    assert "timestep_sampler" in capsys.readouterr().err

@@ -214,9 +214,9 @@ def _refused(model: LDM, sched: Any, match: str, num_steps: int = 5) -> None:
     x_T = torch.randn(2, Z, 4, 4, generator=torch.Generator().manual_seed(0))
     schedule = model.noise_schedule
     with pytest.raises(ValueError, match=match):
-        model.ddim_sample(None, x_T.shape, x_T=x_T, scheduler=sched, num_steps=num_steps)
+        model.sample(x_T.shape, x_T=x_T, sampler=sched, num_steps=num_steps)
     with pytest.raises(ValueError, match=match):
-        model.sample(x_T.shape, x_T=x_T, scheduler=sched, num_steps=num_steps)
+        model.sample(x_T.shape, x_T=x_T, sampler=sched, num_steps=num_steps, decode=False)
     with pytest.raises(ValueError, match=match):
         scheduler_sample(lambda x, t: x, x_T, sched, num_steps=num_steps, schedule=schedule)
     with pytest.raises(ValueError, match=match):
@@ -255,7 +255,7 @@ def test_more_steps_than_the_scheduler_supports_are_refused_not_nan(name: str) -
     model = LDM(None).eval()  # T = 20
     config = model.noise_schedule.to_diffusers_config()  # type: ignore[union-attr]
     x_T = torch.randn(2, Z, 4, 4, generator=torch.Generator().manual_seed(0))
-    ok = model.sample(x_T.shape, x_T=x_T, scheduler=SCHEDULERS[name](config), num_steps=T - 1, decode=False)
+    ok = model.sample(x_T.shape, x_T=x_T, sampler=SCHEDULERS[name](config), num_steps=T - 1, decode=False)
     assert torch.isfinite(ok).all()  # 19 steps: distinct timesteps
     for steps in (T, T + 5):  # the samples were all NaN here before
         _refused(model, SCHEDULERS[name](config), rf"num_steps={steps} is more than \w+ supports on its 20 training "
@@ -272,15 +272,17 @@ def test_ddim_scheduler_refusal_names_num_steps_and_euler_takes_more_steps_than_
         num_steps=T + 1,
     )
     x_T = torch.randn(2, Z, 4, 4, generator=torch.Generator().manual_seed(0))
-    euler = model.sample(x_T.shape, x_T=x_T, scheduler=SCHEDULERS["euler"](config), num_steps=T + 5, decode=False)
+    euler = model.sample(x_T.shape, x_T=x_T, sampler=SCHEDULERS["euler"](config), num_steps=T + 5, decode=False)
     assert torch.isfinite(euler).all()  # Euler's timesteps are real numbers: they never repeat
 
 
 def test_return_intermediates_with_a_scheduler_is_refused() -> None:
     model = LDM(None).eval()
     sched = DDIMScheduler.from_config(model.noise_schedule.to_diffusers_config())  # type: ignore[union-attr]
-    with pytest.raises(ValueError, match=r"return_intermediates=True is not supported with a scheduler"):
-        model.ddim_sample(None, (2, Z, 4, 4), scheduler=sched, num_steps=5, return_intermediates=True)
+    with pytest.raises(ValueError, match=r"return_intermediates and clip_x0 are options of sampler='ddim'; a sch"):
+        model.sample((2, Z, 4, 4), sampler=sched, num_steps=5, return_intermediates=True)
+    with pytest.raises(ValueError, match=r"return_intermediates and clip_x0 are options of sampler='ddim'; a sch"):
+        model.sample((2, Z, 4, 4), sampler=sched, num_steps=5, clip_x0=1.0)
 
 
 def test_sample_logger_refuses_a_mismatched_scheduler_at_fit_start() -> None:

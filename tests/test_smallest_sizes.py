@@ -383,7 +383,7 @@ def test_mixin_on_two_timesteps(schedule: dict[str, Any]) -> None:
         ),
         (
             lambda m: m.sample((0, 2), num_steps=1),
-            r"shape must be a non-empty shape of positive sizes, batch first, got \(0, 2\)",
+            r"shape must start with a positive batch size, got \(0, 2\)",
         ),
         (
             lambda m: m.sample((1, 2), num_steps=0),

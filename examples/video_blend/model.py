@@ -336,8 +336,8 @@ class VideoDenoiser(DiffusionMixin, L.LightningModule):
         """Denoising loss at the fixed timestep grid with fixed noise (unweighted, comparable across runs)."""
         self.fixed_timestep_loss(
             batch["video"],
-            self.hparams["eval_timesteps"],
             {"image_only_indicator": batch["image_only_indicator"]},
+            timesteps=self.hparams["eval_timesteps"],
             batch_index=batch_idx,
             seed=self.hparams["eval_seed"],
         )

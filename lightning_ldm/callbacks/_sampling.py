@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback, WeightAveraging
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from lightning_ldm._checks import check_choice, check_int, check_real, check_scheduler
+from lightning_ldm._checks import check_choice, check_int, check_real, check_sampler
 from lightning_ldm.ddim import DDIM_METHODS
 
 __all__ = [
@@ -169,9 +169,7 @@ def check_sample_kwargs(sample_kwargs: Mapping[str, Any] | None) -> dict[str, An
             "generator and the conditions are the callback's own)"
         )
     options = {**SAMPLE_DEFAULTS, **sample_kwargs}
-    sampler = options["sampler"]
-    if not (isinstance(sampler, str) and sampler == "ddim"):
-        check_scheduler(sampler)
+    check_sampler(options["sampler"])
     options["num_steps"] = check_int("sample_kwargs['num_steps']", options["num_steps"], minimum=1)
     check_choice("sample_kwargs['method']", options["method"], DDIM_METHODS)
     options["eta"] = check_real("sample_kwargs['eta']", options["eta"], minimum=0.0)
