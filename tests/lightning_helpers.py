@@ -1,4 +1,4 @@
-"""Tiny models, data and a recording logger for the Lightning-layer tests (ScheduleCallback and friends).
+"""Tiny models, data and a recording logger for the Lightning-layer tests (DiffusionSeedCallback and friends).
 
 Kept importable (``tests.lightning_helpers``) so that DDP-spawned processes and LightningCLI can find the classes.
 """
@@ -142,9 +142,9 @@ class RankRecorder(TinyDenoiser):
         self.out_dir = out_dir
 
     def on_train_end(self) -> None:
-        from lightning_ldm.callbacks import ScheduleCallback
+        from lightning_ldm.callbacks import DiffusionSeedCallback
 
-        schedule_cb = next(cb for cb in self.trainer.callbacks if isinstance(cb, ScheduleCallback))  # type: ignore[attr-defined]
+        schedule_cb = next(cb for cb in self.trainer.callbacks if isinstance(cb, DiffusionSeedCallback))  # type: ignore[attr-defined]
         torch.save(
             {
                 "recorded": self.recorded,

@@ -145,7 +145,7 @@ class _Snoop(CompVisCompat, TinyDenoiser):
 @pytest.mark.parametrize("sampler", ["uniform", "logit_normal"])
 def test_draws_follow_seed_rank_and_batch_counter(sampler: str) -> None:
     model = _Snoop(timesteps=T)
-    cb = ScheduleCallback(seed=11, sampler=sampler)
+    cb = DiffusionSeedCallback(seed=11, timestep_sampler=sampler)
     make_trainer(max_steps=5, callbacks=[cb]).fit(model, make_loader())
     assert cb.batch_counter == 5
     for i, (t, _) in enumerate(model.recorded):
@@ -160,7 +160,7 @@ def test_draws_follow_seed_rank_and_batch_counter(sampler: str) -> None:
 def test_same_seed_same_run_other_seed_other_run() -> None:
     def run(seed: int) -> tuple[TinyDenoiser, list[Tensor]]:
         model = TinyDenoiser(timesteps=T)
-        make_trainer(max_steps=3, callbacks=[ScheduleCallback(seed=seed)]).fit(model, make_loader())
+        make_trainer(max_steps=3, callbacks=[DiffusionSeedCallback(seed=seed)]).fit(model, make_loader())
         return model, [t for t, _ in model.recorded]
 
     a, ta = run(5)
@@ -174,7 +174,7 @@ def test_same_seed_same_run_other_seed_other_run() -> None:
 
 def test_seed_none_takes_pl_global_seed_then_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PL_GLOBAL_SEED", "77")
-    cb = ScheduleCallback()
+    cb = DiffusionSeedCallback()
     model = TinyDenoiser(timesteps=T)
     make_trainer(max_steps=1, callbacks=[cb]).fit(model, make_loader())
     assert cb.resolved_seed == 77
@@ -183,14 +183,14 @@ def test_seed_none_takes_pl_global_seed_then_default(monkeypatch: pytest.MonkeyP
         torch.randint(0, T, (B,), generator=torch.Generator().manual_seed(derive_seed(77, 0, 0, 0))),
     )
     monkeypatch.delenv("PL_GLOBAL_SEED")
-    cb = ScheduleCallback()
+    cb = DiffusionSeedCallback()
     make_trainer(max_steps=1, callbacks=[cb]).fit(TinyDenoiser(timesteps=T), make_loader())
     assert cb.resolved_seed == DEFAULT_SEED == 0
 
 
 def test_validation_draws_repeat_every_epoch_and_tables_stay_float32_under_bf16_true() -> None:
     model = _Snoop(timesteps=T)
-    trainer = make_trainer(max_epochs=2, max_steps=-1, precision="bf16-true", callbacks=[ScheduleCallback(seed=2)])
+    trainer = make_trainer(max_epochs=2, max_steps=-1, precision="bf16-true", callbacks=[DiffusionSeedCallback(seed=2)])
     trainer.fit(model, make_loader(n=16), make_loader(n=16))
     assert len(model.val_t) == 4  # 2 batches × 2 epochs
     assert torch.equal(model.val_t[0], model.val_t[2]) and torch.equal(model.val_t[1], model.val_t[3])
@@ -201,7 +201,7 @@ def test_validation_draws_repeat_every_epoch_and_tables_stay_float32_under_bf16_
 
 def test_loss_aware_sampler_is_fed_every_batch() -> None:
     model = TinyDenoiser(timesteps=T)
-    cb = ScheduleCallback(LossAwareSampler(history_per_term=2), seed=0)
+    cb = DiffusionSeedCallback(LossAwareSampler(history_per_term=2), seed=0)
     make_trainer(max_steps=8, callbacks=[cb]).fit(model, make_loader())
     reference = LossAwareSampler(history_per_term=2)
     reference.prepare(T)
@@ -214,22 +214,22 @@ def test_loss_aware_sampler_is_fed_every_batch() -> None:
 
 
 def test_state_dict_round_trip_and_seed_adoption() -> None:
-    cb = ScheduleCallback(LossAwareSampler(history_per_term=1), seed=4)
+    cb = DiffusionSeedCallback(LossAwareSampler(history_per_term=1), seed=4)
     make_trainer(max_steps=3, callbacks=[cb]).fit(TinyDenoiser(timesteps=T), make_loader())
     state = cb.state_dict()
     assert sorted(state) == ["batch_counter", "sampler", "sampler_type", "seed"]
     assert state["batch_counter"] == 3 and state["seed"] == 4 and state["sampler_type"] == "LossAwareSampler"
     assert int(state["sampler"]["loss_counts"].sum()) > 0
-    fresh = ScheduleCallback(LossAwareSampler(history_per_term=1))  # seed=None adopts the saved seed
+    fresh = DiffusionSeedCallback(LossAwareSampler(history_per_term=1))  # seed=None adopts the saved seed
     fresh.load_state_dict(state)
     assert fresh.batch_counter == 3 and fresh.resolved_seed == 4
     assert torch.equal(fresh.sampler.state_dict()["loss_history"], state["sampler"]["loss_history"])
-    with pytest.warns(UserWarning, match=r"ScheduleCallback\(seed=9\) resumes a run that used seed 4"):
-        ScheduleCallback(LossAwareSampler(history_per_term=1), seed=9).load_state_dict(state)
+    with pytest.warns(UserWarning, match=r"DiffusionSeedCallback\(seed=9\) resumes a run that used seed 4"):
+        DiffusionSeedCallback(LossAwareSampler(history_per_term=1), seed=9).load_state_dict(state)
     with pytest.warns(UserWarning, match="timestep sampler was LossAwareSampler, this run uses UniformSampler"):
-        ScheduleCallback(seed=4).load_state_dict(state)
+        DiffusionSeedCallback(seed=4).load_state_dict(state)
     with pytest.raises(KeyError, match="has no 'batch_counter'"):
-        ScheduleCallback().load_state_dict({"seed": 1})
+        DiffusionSeedCallback().load_state_dict({"seed": 1})
 
 
 class _Boom(Callback):
@@ -244,7 +244,7 @@ def test_module_put_back_when_fit_raises() -> None:
     model = TinyDenoiser(timesteps=T)
     gc = GradientCheckpointing(["net.block"])
     with pytest.raises(RuntimeError, match="boom"):
-        make_trainer(callbacks=[ScheduleCallback(), gc, _Boom()]).fit(model, make_loader())
+        make_trainer(callbacks=[DiffusionSeedCallback(), gc, _Boom()]).fit(model, make_loader())
     assert model.timestep_sampler is None and model.diffusion_generator is None
     assert "forward" not in model.net.block.__dict__
 
@@ -359,7 +359,7 @@ class _GradCapture(TinyDenoiser):
 def _one_step_grads(precision: str, callbacks: list, accelerator: str = "cpu", **model_kwargs: Any) -> _GradCapture:
     model = _GradCapture(**model_kwargs)
     trainer = make_trainer(
-        max_steps=1, precision=precision, accelerator=accelerator, callbacks=[ScheduleCallback(seed=3), *callbacks]
+        max_steps=1, precision=precision, accelerator=accelerator, callbacks=[DiffusionSeedCallback(seed=3), *callbacks]
     )
     trainer.fit(model, make_loader())
     return model

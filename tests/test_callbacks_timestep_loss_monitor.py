@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import Tensor, nn
 
-from lightning_ldm.callbacks import ScheduleCallback, TimestepLossMonitor
+from lightning_ldm.callbacks import DiffusionSeedCallback, TimestepLossMonitor
 from tests.lightning_helpers import RecordingLogger, TinyDenoiser, make_loader, make_trainer
 
 T = 20
@@ -73,7 +73,7 @@ def test_refuses_more_buckets_than_timesteps() -> None:
 def test_loss_by_bucket_logged_per_epoch() -> None:
     model = TinyDenoiser(timesteps=T)
     trainer = make_trainer(
-        max_epochs=1, max_steps=-1, callbacks=[ScheduleCallback(seed=0), TimestepLossMonitor(num_buckets=3)]
+        max_epochs=1, max_steps=-1, callbacks=[DiffusionSeedCallback(seed=0), TimestepLossMonitor(num_buckets=3)]
     )
     trainer.fit(model, make_loader())
     expected = _bucket_means(model.recorded, T, 3)
@@ -86,7 +86,7 @@ def test_loss_by_bucket_logged_every_n_steps_and_no_curve_rows() -> None:
     logger = RecordingLogger()
     model = TinyDenoiser(timesteps=T)
     monitor = TimestepLossMonitor(log_every_n_steps=2)
-    trainer = make_trainer(max_steps=4, logger=logger, callbacks=[monitor, ScheduleCallback(seed=0)])
+    trainer = make_trainer(max_steps=4, logger=logger, callbacks=[monitor, DiffusionSeedCallback(seed=0)])
     trainer.fit(model, make_loader())
     windows = [(step, m) for m, step in logger.records if any(k.startswith("loss_bucket/") for k in m)]
     assert [step for step, _ in windows] == [2, 4]
@@ -103,7 +103,7 @@ def test_one_bucket_is_the_mean_of_every_loss(log_every_n_steps: int | None) -> 
     logger = RecordingLogger()
     model = TinyDenoiser(timesteps=T)
     monitor = TimestepLossMonitor(num_buckets=1, log_every_n_steps=log_every_n_steps)
-    trainer = make_trainer(max_epochs=1, max_steps=-1, logger=logger, callbacks=[monitor])  # no ScheduleCallback
+    trainer = make_trainer(max_epochs=1, max_steps=-1, logger=logger, callbacks=[monitor])  # no DiffusionSeedCallback
     trainer.fit(model, make_loader())
     everything = float(torch.cat([loss for _, loss in model.recorded]).double().mean())
     if log_every_n_steps is None:
@@ -128,7 +128,7 @@ class _Sometimes(TinyDenoiser):
 def test_a_batch_without_diffusion_loss_adds_nothing() -> None:
     model = _Sometimes(timesteps=T)
     monitor = TimestepLossMonitor(num_buckets=2)
-    trainer = make_trainer(max_epochs=1, max_steps=-1, callbacks=[monitor, ScheduleCallback(seed=0)])
+    trainer = make_trainer(max_epochs=1, max_steps=-1, callbacks=[monitor, DiffusionSeedCallback(seed=0)])
     trainer.fit(model, make_loader())
     assert len(model.recorded) == 2  # batches 0 and 2
     for name, value in _bucket_means(model.recorded, T, 2).items():
@@ -172,7 +172,9 @@ def test_nan_losses_are_logged_as_nan_and_empty_buckets_are_left_out(tmp_path: P
     model = _Diverging(poison_step=1, timesteps=T)
     logger = CSVLogger(tmp_path, name="run", version=0)
     monitor = TimestepLossMonitor(num_buckets=10, log_every_n_steps=1, log_schedule=False)
-    trainer = make_trainer(max_steps=4, logger=logger, log_every_n_steps=1, callbacks=[monitor, ScheduleCallback()])
+    trainer = make_trainer(
+        max_steps=4, logger=logger, log_every_n_steps=1, callbacks=[monitor, DiffusionSeedCallback()]
+    )
     with pytest.warns(UserWarning, match=r"TimestepLossMonitor: the mean training loss is NaN in loss_bucket/\d\d-"):
         trainer.fit(model, make_loader())
     rows = _read_csv(tmp_path / "run" / "version_0" / "metrics.csv")
@@ -202,7 +204,9 @@ def test_curve_with_a_csv_logger_is_a_png_and_a_csv_file(tmp_path: Path) -> None
 
     logger = CSVLogger(tmp_path, name="run", version=0)
     monitor = TimestepLossMonitor(log_every_n_steps=1)
-    trainer = make_trainer(max_steps=4, logger=logger, log_every_n_steps=1, callbacks=[ScheduleCallback(), monitor])
+    trainer = make_trainer(
+        max_steps=4, logger=logger, log_every_n_steps=1, callbacks=[DiffusionSeedCallback(), monitor]
+    )
     trainer.fit(TinyDenoiser(timesteps=T), make_loader())
     run = tmp_path / "run" / "version_0"
     _check_curve_csv(run / "log_snr.csv", monitor.log_snr)
@@ -219,7 +223,9 @@ def test_curve_with_tensorboard_is_a_figure(tmp_path: Path) -> None:
 
     logger = TensorBoardLogger(tmp_path, name="tb", version=0)
     monitor = TimestepLossMonitor(log_every_n_steps=1)
-    trainer = make_trainer(max_steps=3, logger=logger, log_every_n_steps=1, callbacks=[ScheduleCallback(), monitor])
+    trainer = make_trainer(
+        max_steps=3, logger=logger, log_every_n_steps=1, callbacks=[DiffusionSeedCallback(), monitor]
+    )
     trainer.fit(TinyDenoiser(timesteps=T), make_loader())
     logger.experiment.flush()
     events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0})
@@ -277,11 +283,13 @@ def test_state_dict_round_trip_and_other_num_buckets_on_resume() -> None:
 def test_a_reused_monitor_starts_each_fit_with_an_empty_window() -> None:
     monitor = TimestepLossMonitor(num_buckets=4, log_every_n_steps=2)
     first = TinyDenoiser(timesteps=T)
-    make_trainer(max_steps=3, callbacks=[monitor, ScheduleCallback(seed=0)]).fit(first, make_loader())
+    make_trainer(max_steps=3, callbacks=[monitor, DiffusionSeedCallback(seed=0)]).fit(first, make_loader())
     assert monitor.state_dict()["last_log_step"] == 2  # step 3's losses are left in the open window
     logger = RecordingLogger()
     second = TinyDenoiser(timesteps=T)
-    make_trainer(max_steps=2, logger=logger, callbacks=[monitor, ScheduleCallback(seed=1)]).fit(second, make_loader())
+    make_trainer(max_steps=2, logger=logger, callbacks=[monitor, DiffusionSeedCallback(seed=1)]).fit(
+        second, make_loader()
+    )
     windows = [(step, m) for m, step in logger.records if any(k.startswith("loss_bucket/") for k in m)]
     assert [step for step, _ in windows] == [2]  # dropped before: step 2 was "logged already" in the first fit
     _assert_same(windows[0][1], _bucket_means(second.recorded, T, 4))  # without the first fit's step 3
@@ -290,12 +298,12 @@ def test_a_reused_monitor_starts_each_fit_with_an_empty_window() -> None:
 def test_a_reused_monitor_resuming_from_a_checkpoint_keeps_the_restored_window(tmp_path: Path) -> None:
     monitor = TimestepLossMonitor(num_buckets=4, log_every_n_steps=2)
     first = TinyDenoiser(timesteps=T)
-    trainer = make_trainer(max_steps=3, callbacks=[monitor, ScheduleCallback(seed=0)])
+    trainer = make_trainer(max_steps=3, callbacks=[monitor, DiffusionSeedCallback(seed=0)])
     trainer.fit(first, make_loader())
     trainer.save_checkpoint(tmp_path / "step3.ckpt")
     logger = RecordingLogger()
     resumed = TinyDenoiser(timesteps=T)
-    trainer = make_trainer(max_steps=4, logger=logger, callbacks=[monitor, ScheduleCallback(seed=0)])
+    trainer = make_trainer(max_steps=4, logger=logger, callbacks=[monitor, DiffusionSeedCallback(seed=0)])
     trainer.fit(resumed, make_loader(), ckpt_path=tmp_path / "step3.ckpt")
     windows = [(step, m) for m, step in logger.records if any(k.startswith("loss_bucket/") for k in m)]
     assert [step for step, _ in windows] == [4]

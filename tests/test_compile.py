@@ -209,7 +209,7 @@ def test_readme_training_step_is_one_graph() -> None:
     assert counter.graphs == 1
 
     t, noise = model.draw_timesteps(16), model.draw_noise(batch[0], dtype=torch.float32)
-    model.diffusion_generator = torch.Generator().manual_seed(0)  # ScheduleCallback installs one; unused here
+    model.diffusion_generator = torch.Generator().manual_seed(0)  # DiffusionSeedCallback installs one; unused here
     given = GraphCounter()
     compiled_given = torch.compile(
         lambda b, t, n: readme_training_loss(model, b, t=t, noise=n), fullgraph=True, backend=given

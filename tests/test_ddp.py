@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_ldm.callbacks import ScheduleCallback, TimestepLossMonitor
+from lightning_ldm.callbacks import DiffusionSeedCallback, TimestepLossMonitor
 from lightning_ldm.seeding import derive_seed
 from lightning_ldm.timestep_samplers import LossAwareSampler, UniformSampler
 from tests.lightning_helpers import RankRecorder, make_loader, make_trainer
@@ -20,7 +20,7 @@ SEED = 5
 @pytest.mark.slow
 def test_two_process_ddp(tmp_path: Path) -> None:
     model = RankRecorder(str(tmp_path), timesteps=T)
-    cbs = [ScheduleCallback(LossAwareSampler(history_per_term=1), seed=SEED), TimestepLossMonitor(num_buckets=4)]
+    cbs = [DiffusionSeedCallback(LossAwareSampler(history_per_term=1), seed=SEED), TimestepLossMonitor(num_buckets=4)]
     trainer = make_trainer(
         strategy="ddp_spawn", devices=2, max_epochs=1, max_steps=-1, callbacks=cbs, use_distributed_sampler=True
     )

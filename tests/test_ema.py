@@ -1,4 +1,4 @@
-"""ScheduleCallback with Lightning's EMAWeightAveraging: EMA weights, exact schedule tables, checkpoint/resume."""
+"""DiffusionSeedCallback with Lightning's EMAWeightAveraging: EMA weights, exact schedule tables, checkpoint/resume."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint
 from torch import Tensor
 
-from lightning_ldm.callbacks import ScheduleCallback
+from lightning_ldm.callbacks import DiffusionSeedCallback
 from lightning_ldm.noise_schedule import SCHEDULE_TABLES
 from tests.lightning_helpers import CompVisTinyDenoiser, make_loader, make_trainer
 
@@ -55,7 +55,7 @@ def _ema(**kwargs: Any) -> EMAWeightAveraging:
 
 def test_ema_weights_and_exact_tables() -> None:
     model, live, ema = _Watch(), _LiveAtTrainEnd(), _ema()
-    trainer = make_trainer(max_steps=N, callbacks=[ScheduleCallback(seed=0), live, ema], check_val_every_n_epoch=1)
+    trainer = make_trainer(max_steps=N, callbacks=[DiffusionSeedCallback(seed=0), live, ema], check_val_every_n_epoch=1)
     trainer.fit(model, make_loader(), make_loader(n=8))
 
     # the EMA the callback kept, against an EMA computed here from the recorded live weights (float64)
@@ -97,7 +97,7 @@ class _CrashAt(Callback):
 def test_ema_checkpoint_and_resume(tmp_path: Path) -> None:
     def run(callbacks: list[Callback], ckpt_path: str | None = None) -> tuple[_Watch, EMAWeightAveraging]:
         model, ema = _Watch(), _ema()
-        cbs = [ScheduleCallback(seed=1), ema, *callbacks]
+        cbs = [DiffusionSeedCallback(seed=1), ema, *callbacks]
         trainer = make_trainer(max_steps=N, callbacks=cbs, enable_checkpointing=bool(callbacks))
         trainer.fit(model, make_loader(), ckpt_path=ckpt_path)
         return model, ema

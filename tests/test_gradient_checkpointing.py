@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from lightning_ldm.callbacks import GradientCheckpointing, ScheduleCallback
+from lightning_ldm.callbacks import DiffusionSeedCallback, GradientCheckpointing
 from tests.lightning_helpers import TinyDenoiser, make_loader, make_trainer
 from tests.test_latent import LDM, SEED, loader
 
@@ -159,7 +159,7 @@ def test_the_conditioner_gets_its_gradient_through_the_checkpointed_denoiser(use
 
     def first_step_grads(callbacks: list[Callback]) -> dict[str, Tensor]:
         model = _GradsLDM()
-        make_trainer(max_steps=1, callbacks=[ScheduleCallback(seed=SEED), *callbacks]).fit(model, loader())
+        make_trainer(max_steps=1, callbacks=[DiffusionSeedCallback(seed=SEED), *callbacks]).fit(model, loader())
         return model.grads
 
     reference = first_step_grads([])

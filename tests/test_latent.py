@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheck
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_ldm.callbacks import ScheduleCallback
+from lightning_ldm.callbacks import DiffusionSeedCallback
 from lightning_ldm.callbacks.sample_logger import SampleLogger
 from lightning_ldm.compat import CompVisCompat
 from lightning_ldm.embedding import SinusoidalTimestepEmbedding
@@ -179,7 +179,7 @@ def test_first_stage_is_frozen_through_fit() -> None:
     assert not ae_ids & set(trainable_ids)
     assert set(trainable_ids) == {id(p) for p in model.parameters()} - ae_ids
 
-    trainer = make_trainer(max_steps=4, callbacks=[ScheduleCallback(seed=SEED)])
+    trainer = make_trainer(max_steps=4, callbacks=[DiffusionSeedCallback(seed=SEED)])
     trainer.fit(model, loader())
 
     assert all(torch.equal(v, ae.state_dict()[k]) for k, v in ae_state.items())
@@ -205,7 +205,7 @@ def test_compvis_frozen_stages_with_disabled_train_register_and_fit() -> None:
     stage = model.register_first_stage(ae, scale_by_std=True)
     assert stage.autoencoder is ae and model.first_stage is stage
     embed_before = params(model.class_embed)
-    make_trainer(max_steps=2, callbacks=[ScheduleCallback(seed=SEED)]).fit(model, loader())
+    make_trainer(max_steps=2, callbacks=[DiffusionSeedCallback(seed=SEED)]).fit(model, loader())
     assert all(not any(flags) for flags in model.records["ae_training"])  # the autoencoder stayed in eval
     assert not model.class_embed.training and all(
         torch.equal(a, b) for a, b in zip(embed_before, params(model.class_embed), strict=True)
@@ -217,7 +217,7 @@ def test_compvis_frozen_stages_with_disabled_train_register_and_fit() -> None:
 # ------------------------------------------------------------------------------------------------ scale_by_std
 def test_scale_by_std_is_one_over_std_of_the_first_batch() -> None:
     model = LDM(scale_by_std=True)
-    make_trainer(max_steps=3, callbacks=[ScheduleCallback(seed=SEED)]).fit(model, loader())
+    make_trainer(max_steps=3, callbacks=[DiffusionSeedCallback(seed=SEED)]).fit(model, loader())
     assert model.first_stage is not None
     z = hand_latents(model, model.records["x"][0], torch.Generator().manual_seed(derive_seed(SEED, 0, 0, 0)))
     expected = 1.0 / float(z.double().flatten().std())
@@ -235,7 +235,7 @@ def test_scale_by_std_and_dropout_under_two_process_ddp(tmp_path: Path) -> None:
         strategy="ddp_spawn",
         devices=2,
         max_steps=2,
-        callbacks=[ScheduleCallback(seed=SEED)],
+        callbacks=[DiffusionSeedCallback(seed=SEED)],
         use_distributed_sampler=True,
     )
     trainer.fit(model, loader(16))  # 8 samples per rank: 2 steps of 4
@@ -275,7 +275,7 @@ class _CrashAt(Callback):
 def test_crash_and_resume_restores_the_scale_and_the_dropout_draws(tmp_path: Path) -> None:
     p, n, k = 0.5, 6, 2  # 2 batches per epoch: the crash comes at an epoch boundary
     uninterrupted = LDM(dropout=p)
-    make_trainer(max_steps=n, callbacks=[ScheduleCallback(seed=SEED)]).fit(uninterrupted, loader())
+    make_trainer(max_steps=n, callbacks=[DiffusionSeedCallback(seed=SEED)]).fit(uninterrupted, loader())
     masks = uninterrupted.records["masks"]
     assert len(masks) == n
     for counter, mask in enumerate(masks):
@@ -286,7 +286,7 @@ def test_crash_and_resume_restores_the_scale_and_the_dropout_draws(tmp_path: Pat
     crashed = LDM(dropout=p)
     with pytest.raises(RuntimeError, match=f"simulated crash at step {k}"):
         make_trainer(
-            max_steps=n, callbacks=[ScheduleCallback(seed=SEED), ckpt, _CrashAt(k)], enable_checkpointing=True
+            max_steps=n, callbacks=[DiffusionSeedCallback(seed=SEED), ckpt, _CrashAt(k)], enable_checkpointing=True
         ).fit(crashed, loader())
     path = str(tmp_path / f"step={k}.ckpt")
 
@@ -300,7 +300,7 @@ def test_crash_and_resume_restores_the_scale_and_the_dropout_draws(tmp_path: Pat
         return original_fit(latents, **kwargs)
 
     resumed.first_stage.fit_scale = spy  # type: ignore[method-assign]
-    make_trainer(max_steps=n, callbacks=[ScheduleCallback(seed=SEED)]).fit(resumed, loader(), ckpt_path=path)
+    make_trainer(max_steps=n, callbacks=[DiffusionSeedCallback(seed=SEED)]).fit(resumed, loader(), ckpt_path=path)
     assert fits == []  # restored from the checkpoint, not fitted again
     assert uninterrupted.first_stage is not None
     fitted = uninterrupted.first_stage.scale
@@ -315,17 +315,17 @@ def test_crash_and_resume_restores_the_scale_and_the_dropout_draws(tmp_path: Pat
 
     fixed = LDM(dropout=p, scale_by_std=False, scale_factor=0.5)
     with pytest.raises(ValueError, match=r"first_stage\.scale_factor=.* differs from the fixed scale_factor=0\.5"):
-        make_trainer(max_steps=n, callbacks=[ScheduleCallback(seed=SEED)]).fit(fixed, loader(), ckpt_path=path)
+        make_trainer(max_steps=n, callbacks=[DiffusionSeedCallback(seed=SEED)]).fit(fixed, loader(), ckpt_path=path)
 
 
 def test_resumed_scale_is_bitwise_the_uninterrupted_one(tmp_path: Path) -> None:
     ckpt = ModelCheckpoint(dirpath=tmp_path, filename="last")
     model = LDM()
-    make_trainer(max_steps=1, callbacks=[ScheduleCallback(seed=SEED), ckpt], enable_checkpointing=True).fit(
+    make_trainer(max_steps=1, callbacks=[DiffusionSeedCallback(seed=SEED), ckpt], enable_checkpointing=True).fit(
         model, loader()
     )
     resumed = LDM()
-    make_trainer(max_steps=2, callbacks=[ScheduleCallback(seed=SEED)]).fit(
+    make_trainer(max_steps=2, callbacks=[DiffusionSeedCallback(seed=SEED)]).fit(
         resumed, loader(), ckpt_path=str(tmp_path / "last.ckpt")
     )
     assert model.first_stage is not None and resumed.first_stage is not None
@@ -344,7 +344,7 @@ def _fit_with_checkpoints(tmp_path: Path, ema: dict[str, Any] | None) -> tuple[L
     """Two steps with EMA (or not); checkpoints by ModelCheckpoint (full, weights only) and trainer.save_checkpoint."""
     full = ModelCheckpoint(dirpath=tmp_path / "full", every_n_train_steps=1, save_top_k=-1, filename="{step}")
     weights = ModelCheckpoint(dirpath=tmp_path / "weights", every_n_train_steps=2, save_weights_only=True)
-    callbacks: list[Callback] = [ScheduleCallback(seed=SEED), full, weights]
+    callbacks: list[Callback] = [DiffusionSeedCallback(seed=SEED), full, weights]
     if ema is not None:
         callbacks.insert(1, EMAWeightAveraging(**ema))
     model = LDM()
@@ -401,7 +401,7 @@ def test_resume_from_an_ema_checkpoint_restores_the_fitted_scale(
         return original_fit(latents, **kwargs)
 
     resumed.first_stage.fit_scale = spy  # type: ignore[method-assign]
-    callbacks: list[Callback] = [ScheduleCallback(seed=SEED)]
+    callbacks: list[Callback] = [DiffusionSeedCallback(seed=SEED)]
     if resume_with_ema:
         callbacks.append(EMAWeightAveraging(**(_EMA_CASES[ema] or {})))
     make_trainer(max_steps=3, callbacks=callbacks).fit(resumed, loader(), ckpt_path=paths["model_checkpoint_step1"])
@@ -433,7 +433,7 @@ def test_sample_logger_leaves_the_training_weights_bitwise_unchanged(tmp_path: P
             if with_logger
             else None
         )
-        callbacks: list[Callback] = [ScheduleCallback(seed=SEED), EMAWeightAveraging(decay=0.5)]
+        callbacks: list[Callback] = [DiffusionSeedCallback(seed=SEED), EMAWeightAveraging(decay=0.5)]
         make_trainer(max_steps=4, callbacks=callbacks + ([logger] if logger else []), default_root_dir=tmp_path).fit(
             model, loader()
         )

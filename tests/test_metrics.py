@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_ldm.callbacks import ScheduleCallback, TimestepLossMonitor
+from lightning_ldm.callbacks import DiffusionSeedCallback, TimestepLossMonitor
 from lightning_ldm.metrics import TimestepBucketLoss, bucket_bounds
 from tests.lightning_helpers import TinyDenoiser, make_loader, make_trainer
 
@@ -38,7 +38,7 @@ def test_one_bucket_is_one_dimensional_with_the_mean_of_everything():
     got = metric.compute()
     assert got.shape == (1,) and got.dtype == torch.float64
     assert got.tolist() == [3.0]  # (1 + 2 + 6 + 3) / 4
-    assert list(got.tolist()) == [3.0]  # iterable, as ScheduleCallback iterates it
+    assert list(got.tolist()) == [3.0]  # iterable, as DiffusionSeedCallback iterates it
     assert metric.names() == ["loss_bucket/00-19"]
 
 
@@ -117,7 +117,7 @@ def test_mismatched_entries_refused():
 
 def test_loss_monitor_with_one_bucket_fits_and_logs_the_overall_mean():
     model = TinyDenoiser(timesteps=20)
-    callbacks = [ScheduleCallback(seed=0), TimestepLossMonitor(num_buckets=1)]
+    callbacks = [DiffusionSeedCallback(seed=0), TimestepLossMonitor(num_buckets=1)]
     trainer = make_trainer(max_epochs=1, max_steps=-1, callbacks=callbacks)
     trainer.fit(model, make_loader())
     losses = torch.cat([r[1] for r in model.recorded]).double()

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_ldm.callbacks import ScheduleCallback, TimestepLossMonitor
+from lightning_ldm.callbacks import DiffusionSeedCallback, TimestepLossMonitor
 from lightning_ldm.timestep_samplers import LossAwareSampler
 from tests.lightning_helpers import RecordingLogger, TinyDenoiser, make_loader, make_trainer
 
@@ -29,10 +29,12 @@ class _CrashAt(Callback):
             raise RuntimeError(f"simulated crash at step {self.step}")
 
 
-def _schedule_cbs() -> tuple[ScheduleCallback, TimestepLossMonitor]:
+def _schedule_cbs() -> tuple[DiffusionSeedCallback, TimestepLossMonitor]:
     # loss-aware with a short history: warmed up within the first steps, so its state matters after the resume;
     # bucket windows of 3 steps: the window open at the crash is in the checkpoint
-    return ScheduleCallback(LossAwareSampler(history_per_term=1), seed=21), TimestepLossMonitor(log_every_n_steps=3)
+    return DiffusionSeedCallback(LossAwareSampler(history_per_term=1), seed=21), TimestepLossMonitor(
+        log_every_n_steps=3
+    )
 
 
 def _fit(loader: DataLoader, callbacks: list[Callback], ckpt_path: str | None = None, **kwargs: Any) -> TinyDenoiser:
@@ -42,7 +44,7 @@ def _fit(loader: DataLoader, callbacks: list[Callback], ckpt_path: str | None = 
     return model
 
 
-Callbacks = tuple[ScheduleCallback, TimestepLossMonitor]
+Callbacks = tuple[DiffusionSeedCallback, TimestepLossMonitor]
 
 
 def _crash_and_resume(tmp_path: Path, loader: DataLoader, k: int) -> tuple[TinyDenoiser, Callbacks, RecordingLogger]:
@@ -117,18 +119,18 @@ def test_crash_and_resume_mid_epoch_is_exact_for_the_callback_state(tmp_path: Pa
 
 def test_resume_with_a_different_schedule_is_refused(tmp_path: Path) -> None:
     ckpt = ModelCheckpoint(dirpath=tmp_path, filename="last")
-    trainer = make_trainer(max_steps=2, callbacks=[ScheduleCallback(seed=0), ckpt], enable_checkpointing=True)
+    trainer = make_trainer(max_steps=2, callbacks=[DiffusionSeedCallback(seed=0), ckpt], enable_checkpointing=True)
     trainer.fit(TinyDenoiser(timesteps=20), make_loader())
     other = TinyDenoiser(timesteps=20, beta_schedule="cosine")
     with pytest.raises(
         ValueError, match=r"different noise schedule.*beta_schedule: checkpoint 'linear', model 'cosine'"
     ):
-        make_trainer(max_steps=4, callbacks=[ScheduleCallback(seed=0)]).fit(
+        make_trainer(max_steps=4, callbacks=[DiffusionSeedCallback(seed=0)]).fit(
             other, make_loader(), ckpt_path=str(tmp_path / "last.ckpt")
         )
     # the same schedule resumes
     same = TinyDenoiser(timesteps=20)
-    make_trainer(max_steps=3, callbacks=[ScheduleCallback(seed=0)]).fit(
+    make_trainer(max_steps=3, callbacks=[DiffusionSeedCallback(seed=0)]).fit(
         same, make_loader(), ckpt_path=str(tmp_path / "last.ckpt")
     )
     assert len(same.recorded) == 1

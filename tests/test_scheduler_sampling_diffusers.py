@@ -16,7 +16,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteS
 from torch import Tensor, nn
 
 from lightning_ldm._checks import SCHEDULER_ATOL, check_scheduler
-from lightning_ldm.callbacks import SampleLogger, ScheduleCallback
+from lightning_ldm.callbacks import DiffusionSeedCallback, SampleLogger
 from lightning_ldm.latent import LatentDiffusionMixin
 from lightning_ldm.noise_schedule import NoiseSchedule
 from lightning_ldm.scheduler_sampling import scheduler_sample
@@ -30,7 +30,7 @@ SD = {"timesteps": 1000, "linear_start": 0.00085, "linear_end": 0.012}
 def trained() -> LDM:
     """A class-conditional LDM on Stable Diffusion's schedule, trained for 3 steps, in eval mode."""
     model = LDM("crossattn", **SD)
-    make_trainer(max_steps=3, callbacks=[ScheduleCallback(seed=SEED)]).fit(model, loader())
+    make_trainer(max_steps=3, callbacks=[DiffusionSeedCallback(seed=SEED)]).fit(model, loader())
     return model.eval()
 
 

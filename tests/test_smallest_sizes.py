@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 import lightning_ldm as ldm
 from lightning_ldm import losses
-from lightning_ldm.callbacks import ScheduleCallback, TimestepLossMonitor
+from lightning_ldm.callbacks import DiffusionSeedCallback, TimestepLossMonitor
 from lightning_ldm.mixin import DiffusionMixin
 from lightning_ldm.noise_schedule import NoiseSchedule
 from tests.lightning_helpers import TinyDenoiser, make_loader, make_trainer
@@ -416,7 +416,7 @@ def test_losses_refuse_an_empty_batch_before_calling_the_model() -> None:
 def test_fit_on_two_timesteps_with_batch_one(sampler: str) -> None:
     model = TinyDenoiser(timesteps=2)
     monitor = TimestepLossMonitor(num_buckets=2, log_every_n_steps=1)
-    trainer = make_trainer(max_steps=3, callbacks=[ScheduleCallback(sampler=sampler, seed=0), monitor])
+    trainer = make_trainer(max_steps=3, callbacks=[DiffusionSeedCallback(timestep_sampler=sampler, seed=0), monitor])
     trainer.fit(model, make_loader(n=3, batch_size=1))
     assert trainer.global_step == 3 and len(model.recorded) == 3
     for t, per_sample in model.recorded:
@@ -426,6 +426,6 @@ def test_fit_on_two_timesteps_with_batch_one(sampler: str) -> None:
 
 
 def test_loss_monitor_refuses_more_buckets_than_timesteps_at_fit_start() -> None:
-    trainer = make_trainer(max_steps=1, callbacks=[ScheduleCallback(seed=0), TimestepLossMonitor(num_buckets=3)])
+    trainer = make_trainer(max_steps=1, callbacks=[DiffusionSeedCallback(seed=0), TimestepLossMonitor(num_buckets=3)])
     with pytest.raises(ValueError, match=r"num_buckets=3 is larger than the schedule's 2 timesteps"):
         trainer.fit(TinyDenoiser(timesteps=2), make_loader(n=2, batch_size=1))
