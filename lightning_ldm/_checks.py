@@ -22,9 +22,12 @@ from torch import Tensor
 __all__ = [
     "check_betas",
     "check_bool",
+    "check_callable",
     "check_choice",
     "check_floating",
+    "check_instance",
     "check_int",
+    "check_mapping",
     "check_real",
     "check_same_shape",
     "check_sampler",
@@ -32,6 +35,7 @@ __all__ = [
     "check_scheduler",
     "check_scheduler_steps",
     "check_shape",
+    "check_str",
     "check_tensor",
     "check_timesteps",
     "describe",
@@ -87,6 +91,56 @@ def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {describe(value)} of type {type(value).__name__}")
     return bool(value)
+
+
+def check_instance(name: str, value: Any, types: type | tuple[type, ...], what: str) -> Any:
+    """Return ``value`` after checking it is an instance of ``types``; ``what`` says what is accepted.
+
+    Args:
+        name: The argument's name for the message.
+        value: The argument.
+        types: The accepted type(s), as for :func:`isinstance`.
+        what: The accepted values in words, e.g. ``"an nn.Module with encode/decode"``.
+
+    Raises:
+        TypeError: ``value`` is not an instance of ``types``.
+    """
+    if not isinstance(value, types):
+        raise TypeError(f"{name} must be {what}, got {describe(value)} of type {type(value).__name__}")
+    return value
+
+
+def check_str(name: str, value: Any, *, nonempty: bool = False, what: str = "a string") -> str:
+    """Return ``value`` after checking it is a string (a non-empty one with ``nonempty``).
+
+    Raises:
+        TypeError: ``value`` is not a ``str``.
+        ValueError: ``nonempty`` and ``value`` is ``""``.
+    """
+    check_instance(name, value, str, what)
+    if nonempty and not value:
+        raise ValueError(f"{name} must be a non-empty string, got ''")
+    return value
+
+
+def check_callable(name: str, value: Any, what: str = "callable") -> Any:
+    """Return ``value`` after checking it is callable; ``what`` says how it is called (e.g. ``"callable as f(x)"``).
+
+    Raises:
+        TypeError: ``value`` is not callable.
+    """
+    if not callable(value):
+        raise TypeError(f"{name} must be {what}, got {describe(value)} of type {type(value).__name__}")
+    return value
+
+
+def check_mapping(name: str, value: Any, what: str = "a mapping") -> Mapping[Any, Any]:
+    """Return ``value`` after checking it is a mapping (a ``dict``, an ``OmegaConf`` dict, ...).
+
+    Raises:
+        TypeError: ``value`` is not a :class:`~collections.abc.Mapping`.
+    """
+    return check_instance(name, value, Mapping, what)
 
 
 def check_int(name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None) -> int:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.amp.autocast_mode import is_autocast_available
 from torch.distributions import Distribution, Independent, Normal
 
-from lightning_ldm._checks import check_int, check_real, describe
+from lightning_ldm._checks import check_bool, check_instance, check_int, check_real, describe
 
 __all__ = ["FirstStage"]
 
@@ -253,21 +253,16 @@ class FirstStage(nn.Module):
         keep_weights_in_checkpoint: bool = True,
     ) -> None:
         super().__init__()
-        if not isinstance(autoencoder, nn.Module):
-            raise TypeError(f"autoencoder must be an nn.Module with encode/decode, got {type(autoencoder).__name__}")
+        check_instance("autoencoder", autoencoder, nn.Module, "an nn.Module with encode/decode")
         for method in ("encode", "decode"):
             if not callable(getattr(autoencoder, method, None)):
                 raise TypeError(
                     f"autoencoder {type(autoencoder).__name__} has no callable `{method}`; a first stage needs "
                     "encode(x) and decode(z)"
                 )
-        for name, flag in (
-            ("scale_by_std", scale_by_std),
-            ("autocast", autocast),
-            ("keep_weights_in_checkpoint", keep_weights_in_checkpoint),
-        ):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        scale_by_std = check_bool("scale_by_std", scale_by_std)
+        autocast = check_bool("autocast", autocast)
+        keep_weights_in_checkpoint = check_bool("keep_weights_in_checkpoint", keep_weights_in_checkpoint)
         if scale_factor is None:
             scale_factor = _config_value(autoencoder, "scaling_factor")
         scale = check_real(
