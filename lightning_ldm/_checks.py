@@ -37,7 +37,9 @@ __all__ = [
     "check_shape",
     "check_str",
     "check_tensor",
+    "check_timestep_list",
     "check_timesteps",
+    "check_value_range",
     "describe",
 ]
 
@@ -249,6 +251,48 @@ def check_shape(name: str, value: Any, *, min_ndim: int = 1, minimum: int | None
         if minimum is not None and size < minimum:
             raise ValueError(f"{name}[{i}]={size} is out of range; expected an integer >= {minimum}")
     return shape
+
+
+def check_value_range(value_range: Any, name: str = "value_range") -> tuple[float, float]:
+    """Return ``value_range`` as ``(low, high)`` floats after checking it is a pair of finite numbers, ``low < high``.
+
+    Raises:
+        TypeError: ``value_range`` is not a pair of real numbers.
+        ValueError: The numbers are not finite or ``low >= high``.
+    """
+    if isinstance(value_range, (str, bytes)) or not isinstance(value_range, Sequence) or len(value_range) != 2:
+        raise TypeError(f"{name} must be a pair (low, high) of real numbers, got {describe(value_range)}")
+    low = check_real(f"{name}[0]", value_range[0])
+    high = check_real(f"{name}[1]", value_range[1])
+    if not low < high:
+        raise ValueError(f"{name}=({low:g}, {high:g}) is empty; expected low < high")
+    return low, high
+
+
+def check_timestep_list(
+    timesteps: Any, num_timesteps: int | None = None, name: str = "timesteps"
+) -> tuple[int, ...]:
+    """Return ``timesteps`` (a non-tensor iterable of Python or numpy integers) as a tuple of distinct ints.
+
+    Args:
+        timesteps: The timesteps (a list, tuple, range, ...; a tensor goes to :func:`check_timesteps`).
+        num_timesteps: T, to check every timestep lies in ``[0, T)``; ``None`` checks only ``>= 0``.
+        name: The argument's name for the messages.
+
+    Raises:
+        TypeError: ``timesteps`` is not an iterable of integers (a string or a tensor is refused).
+        ValueError: It is empty, repeats a timestep, or holds one outside ``[0, T)``.
+    """
+    if isinstance(timesteps, (str, bytes, Tensor)) or not isinstance(timesteps, Iterable):
+        raise TypeError(f"{name} must be a sequence of integers, got {type(timesteps).__name__}")
+    maximum = None if num_timesteps is None else check_int("num_timesteps", num_timesteps, minimum=1) - 1
+    grid = tuple(check_int(f"{name}[{i}]", t, minimum=0, maximum=maximum) for i, t in enumerate(timesteps))
+    if not grid:
+        raise ValueError(f"{name} must hold at least one timestep, got an empty sequence")
+    repeated = sorted({t for t in grid if grid.count(t) > 1})
+    if repeated:
+        raise ValueError(f"{name} must be distinct, got {repeated} more than once")
+    return grid
 
 
 def check_samples(name: str, value: Any) -> Tensor:

@@ -25,7 +25,9 @@ from lightning_ldm._checks import (
     check_shape,
     check_str,
     check_tensor,
+    check_timestep_list,
     check_timesteps,
+    check_value_range,
     describe,
 )
 
@@ -141,6 +143,36 @@ def test_check_mapping() -> None:
         check_mapping("options", [("a", 1)])
     with pytest.raises(TypeError, match=r"^options must be a mapping of sample\(\) options, got 'a=1' of type str$"):
         check_mapping("options", "a=1", "a mapping of sample() options")
+
+
+# ------------------------------------------------------------------------------ check_value_range, check_timestep_list
+def test_check_value_range() -> None:
+    assert check_value_range((0, 255)) == (0.0, 255.0) and check_value_range([-1.0, 1.0]) == (-1.0, 1.0)
+    with pytest.raises(TypeError, match=r"^value_range must be a pair \(low, high\) of real numbers, got \(0.0,\)$"):
+        check_value_range((0.0,))
+    with pytest.raises(TypeError, match=r"^span must be a pair \(low, high\) of real numbers, got '01'$"):
+        check_value_range("01", "span")
+    with pytest.raises(TypeError, match=r"^span\[1\] must be a real number, got 'x' of type str$"):
+        check_value_range((0, "x"), "span")
+    with pytest.raises(ValueError, match=r"^value_range=\(2, -1\) is empty; expected low < high$"):
+        check_value_range((2.0, -1.0))
+
+
+def test_check_timestep_list() -> None:
+    assert check_timestep_list([3, np.int64(0), 7], 8) == (3, 0, 7)
+    assert check_timestep_list(range(2)) == (0, 1)
+    with pytest.raises(TypeError, match=r"^timesteps must be a sequence of integers, got Tensor$"):
+        check_timestep_list(torch.tensor([1]))
+    with pytest.raises(TypeError, match=r"^grid must be a sequence of integers, got str$"):
+        check_timestep_list("12", name="grid")
+    with pytest.raises(TypeError, match=r"^timesteps\[1\] must be an integer, got 1.5 of type float$"):
+        check_timestep_list([0, 1.5])
+    with pytest.raises(ValueError, match=r"^timesteps\[1\]=8 is out of range; expected an integer in \[0, 7\]$"):
+        check_timestep_list([0, 8], 8)
+    with pytest.raises(ValueError, match=r"^timesteps must hold at least one timestep, got an empty sequence$"):
+        check_timestep_list([])
+    with pytest.raises(ValueError, match=r"^timesteps must be distinct, got \[2\] more than once$"):
+        check_timestep_list([2, 1, 2])
 
 
 # ---------------------------------------------------------------------------------------------------- check_int

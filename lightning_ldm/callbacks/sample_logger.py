@@ -28,7 +28,15 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_ldm._checks import check_bool, check_int, check_real, check_scheduler, check_shape, check_str
+from lightning_ldm._checks import (
+    check_bool,
+    check_int,
+    check_real,
+    check_scheduler,
+    check_shape,
+    check_str,
+    check_value_range,
+)
 from lightning_ldm.callbacks._diffusion import diffusion_module
 from lightning_ldm.callbacks._sampling import (
     callbacks_of,
@@ -39,7 +47,7 @@ from lightning_ldm.callbacks._sampling import (
 )
 from lightning_ldm.callbacks.sample_writers import write_image, write_video
 from lightning_ldm.latent import LatentDiffusionMixin
-from lightning_ldm.media import check_value_range, image_grid, to_uint8, video_grid
+from lightning_ldm.media import image_grid, to_uint8, video_grid
 from lightning_ldm.mixin import DiffusionMixin
 from lightning_ldm.seeding import derive_seed
 
