@@ -140,8 +140,7 @@ def _steps_as_numpy(ddim_timesteps: ArrayLike | Tensor, size: int) -> np.ndarray
 
 def _alphacums_as_numpy(alphacums: ArrayLike | Tensor, name: str = "alphacums") -> np.ndarray:
     if isinstance(alphacums, Tensor):
-        if not alphacums.dtype.is_floating_point:
-            raise TypeError(f"{name} must be a floating tensor, got dtype {alphacums.dtype}")
+        check_floating(name, alphacums)
         alphacums = alphacums.detach().cpu().double().numpy()
     ac = np.asarray(alphacums, dtype=np.float64)
     if ac.ndim != 1 or ac.shape[0] < 1:

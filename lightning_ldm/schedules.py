@@ -22,7 +22,7 @@ import torch
 from numpy.typing import ArrayLike
 from torch import Tensor
 
-from lightning_ldm._checks import check_betas, check_callable, check_choice, check_int, check_real
+from lightning_ldm._checks import check_betas, check_callable, check_choice, check_floating, check_int, check_real
 
 __all__ = [
     "SCHEDULES",
@@ -201,8 +201,7 @@ def rescale_zero_terminal_snr(betas: ArrayLike) -> np.ndarray:
 
 def _as_alphas_cumprod(alphas_cumprod: ArrayLike | Tensor) -> np.ndarray | Tensor:
     if isinstance(alphas_cumprod, Tensor):
-        if not alphas_cumprod.dtype.is_floating_point:
-            raise TypeError(f"alphas_cumprod must be a floating tensor, got dtype {alphas_cumprod.dtype}")
+        check_floating("alphas_cumprod", alphas_cumprod)
         return alphas_cumprod.to(torch.promote_types(alphas_cumprod.dtype, torch.float32))
     return np.asarray(alphas_cumprod, dtype=np.float64)
 
