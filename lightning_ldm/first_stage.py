@@ -364,14 +364,18 @@ class FirstStage(nn.Module):
         z = z.float() / self._scale
         return (z + self.shift) if self.shift else z
 
-    def _chunks(self, x: Tensor) -> tuple[Tensor, ...]:
+    @staticmethod
+    def _check_batch(x: Any) -> None:
+        """The public entries' one check of their input (``_run`` takes it unchecked)."""
         if not isinstance(x, Tensor) or x.ndim < 1 or x.shape[0] == 0:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"the first stage needs a Tensor with a non-empty batch dimension, got {shape}")
+
+    def _chunks(self, x: Tensor) -> tuple[Tensor, ...]:
         return (x,) if self.micro_batch_size is None else x.split(self.micro_batch_size)
 
     def _run(self, name: str, unwrap: str, x: Tensor) -> list[Any]:
-        """Call ``autoencoder.<name>`` per micro-batch without gradients and unwrap each output."""
+        """Call ``autoencoder.<name>`` per micro-batch without gradients and unwrap each output (``x`` is checked)."""
         method: Callable[[Tensor], Any] = getattr(self.autoencoder, name)
         chunks = self._chunks(x)
         with contextlib.ExitStack() as stack:
@@ -409,6 +413,7 @@ class FirstStage(nn.Module):
             TypeError: The autoencoder's output is neither a Tensor nor a distribution, or is a non-Gaussian
                 ``torch.distributions`` object while a ``generator`` is given (it cannot draw from it).
         """
+        self._check_batch(x)
         outputs = self._run("encode", "latent_dist", x)
         with torch.no_grad():
             z = _draw_latents(outputs, generator, sample_posterior)
@@ -428,11 +433,8 @@ class FirstStage(nn.Module):
         Raises:
             ValueError: ``z`` is not a Tensor with a non-empty batch dimension.
         """
-        if scaled:
-            self._chunks(z)
-            z_in = self.unscale_latents(z).to(z.dtype)
-        else:
-            z_in = z
+        self._check_batch(z)
+        z_in = self.unscale_latents(z).to(z.dtype) if scaled else z
         outputs = self._run("decode", "sample", z_in)
         return torch.cat(outputs).to(z.dtype)
 
