@@ -22,9 +22,12 @@ from torch import Tensor
 __all__ = [
     "check_betas",
     "check_bool",
+    "check_callable",
     "check_choice",
     "check_floating",
+    "check_instance",
     "check_int",
+    "check_mapping",
     "check_real",
     "check_same_shape",
     "check_sampler",
@@ -32,8 +35,11 @@ __all__ = [
     "check_scheduler",
     "check_scheduler_steps",
     "check_shape",
+    "check_str",
     "check_tensor",
+    "check_timestep_list",
     "check_timesteps",
+    "check_value_range",
     "describe",
 ]
 
@@ -87,6 +93,56 @@ def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {describe(value)} of type {type(value).__name__}")
     return bool(value)
+
+
+def check_instance(name: str, value: Any, types: type | tuple[type, ...], what: str) -> Any:
+    """Return ``value`` after checking it is an instance of ``types``; ``what`` says what is accepted.
+
+    Args:
+        name: The argument's name for the message.
+        value: The argument.
+        types: The accepted type(s), as for :func:`isinstance`.
+        what: The accepted values in words, e.g. ``"an nn.Module with encode/decode"``.
+
+    Raises:
+        TypeError: ``value`` is not an instance of ``types``.
+    """
+    if not isinstance(value, types):
+        raise TypeError(f"{name} must be {what}, got {describe(value)} of type {type(value).__name__}")
+    return value
+
+
+def check_str(name: str, value: Any, *, nonempty: bool = False, what: str = "a string") -> str:
+    """Return ``value`` after checking it is a string (a non-empty one with ``nonempty``).
+
+    Raises:
+        TypeError: ``value`` is not a ``str``.
+        ValueError: ``nonempty`` and ``value`` is ``""``.
+    """
+    check_instance(name, value, str, what)
+    if nonempty and not value:
+        raise ValueError(f"{name} must be a non-empty string, got ''")
+    return value
+
+
+def check_callable(name: str, value: Any, what: str = "callable") -> Any:
+    """Return ``value`` after checking it is callable; ``what`` says how it is called (e.g. ``"callable as f(x)"``).
+
+    Raises:
+        TypeError: ``value`` is not callable.
+    """
+    if not callable(value):
+        raise TypeError(f"{name} must be {what}, got {describe(value)} of type {type(value).__name__}")
+    return value
+
+
+def check_mapping(name: str, value: Any, what: str = "a mapping") -> Mapping[Any, Any]:
+    """Return ``value`` after checking it is a mapping (a ``dict``, an ``OmegaConf`` dict, ...).
+
+    Raises:
+        TypeError: ``value`` is not a :class:`~collections.abc.Mapping`.
+    """
+    return check_instance(name, value, Mapping, what)
 
 
 def check_int(name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None) -> int:
@@ -195,6 +251,48 @@ def check_shape(name: str, value: Any, *, min_ndim: int = 1, minimum: int | None
         if minimum is not None and size < minimum:
             raise ValueError(f"{name}[{i}]={size} is out of range; expected an integer >= {minimum}")
     return shape
+
+
+def check_value_range(value_range: Any, name: str = "value_range") -> tuple[float, float]:
+    """Return ``value_range`` as ``(low, high)`` floats after checking it is a pair of finite numbers, ``low < high``.
+
+    Raises:
+        TypeError: ``value_range`` is not a pair of real numbers.
+        ValueError: The numbers are not finite or ``low >= high``.
+    """
+    if isinstance(value_range, (str, bytes)) or not isinstance(value_range, Sequence) or len(value_range) != 2:
+        raise TypeError(f"{name} must be a pair (low, high) of real numbers, got {describe(value_range)}")
+    low = check_real(f"{name}[0]", value_range[0])
+    high = check_real(f"{name}[1]", value_range[1])
+    if not low < high:
+        raise ValueError(f"{name}=({low:g}, {high:g}) is empty; expected low < high")
+    return low, high
+
+
+def check_timestep_list(
+    timesteps: Any, num_timesteps: int | None = None, name: str = "timesteps"
+) -> tuple[int, ...]:
+    """Return ``timesteps`` (a non-tensor iterable of Python or numpy integers) as a tuple of distinct ints.
+
+    Args:
+        timesteps: The timesteps (a list, tuple, range, ...; a tensor goes to :func:`check_timesteps`).
+        num_timesteps: T, to check every timestep lies in ``[0, T)``; ``None`` checks only ``>= 0``.
+        name: The argument's name for the messages.
+
+    Raises:
+        TypeError: ``timesteps`` is not an iterable of integers (a string or a tensor is refused).
+        ValueError: It is empty, repeats a timestep, or holds one outside ``[0, T)``.
+    """
+    if isinstance(timesteps, (str, bytes, Tensor)) or not isinstance(timesteps, Iterable):
+        raise TypeError(f"{name} must be a sequence of integers, got {type(timesteps).__name__}")
+    maximum = None if num_timesteps is None else check_int("num_timesteps", num_timesteps, minimum=1) - 1
+    grid = tuple(check_int(f"{name}[{i}]", t, minimum=0, maximum=maximum) for i, t in enumerate(timesteps))
+    if not grid:
+        raise ValueError(f"{name} must hold at least one timestep, got an empty sequence")
+    repeated = sorted({t for t in grid if grid.count(t) > 1})
+    if repeated:
+        raise ValueError(f"{name} must be distinct, got {repeated} more than once")
+    return grid
 
 
 def check_samples(name: str, value: Any) -> Tensor:

@@ -22,7 +22,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from lightning_ldm._checks import check_choice, check_real
+from lightning_ldm._checks import check_choice, check_real, check_str
 
 __all__ = ["MERGE_STRATEGIES", "AlphaBlender", "MergeStrategy"]
 
@@ -62,8 +62,7 @@ class AlphaBlender(nn.Module):
     ) -> None:
         super().__init__()
         check_choice("merge_strategy", merge_strategy, MERGE_STRATEGIES)
-        if not isinstance(rearrange_pattern, str):
-            raise TypeError(f"rearrange_pattern must be a str, got {type(rearrange_pattern).__name__}")
+        check_str("rearrange_pattern", rearrange_pattern)
         try:  # the pattern maps the (B, T) indicator: try it on a (2, 3) one now rather than at the first forward
             rearrange(torch.zeros(2, 3), rearrange_pattern)
         except Exception as err:  # einops raises EinopsError (a RuntimeError) with its own wording

@@ -33,7 +33,7 @@ import torch
 from numpy.typing import ArrayLike
 from torch import Tensor
 
-from lightning_ldm._checks import check_choice, check_int, check_real
+from lightning_ldm._checks import check_callable, check_choice, check_floating, check_int, check_real
 from lightning_ldm.parameterization import PARAMETERIZATIONS, Parameterization, recovery_coefficients
 
 __all__ = [
@@ -140,8 +140,7 @@ def _steps_as_numpy(ddim_timesteps: ArrayLike | Tensor, size: int) -> np.ndarray
 
 def _alphacums_as_numpy(alphacums: ArrayLike | Tensor, name: str = "alphacums") -> np.ndarray:
     if isinstance(alphacums, Tensor):
-        if not alphacums.dtype.is_floating_point:
-            raise TypeError(f"{name} must be a floating tensor, got dtype {alphacums.dtype}")
+        check_floating(name, alphacums)
         alphacums = alphacums.detach().cpu().double().numpy()
     ac = np.asarray(alphacums, dtype=np.float64)
     if ac.ndim != 1 or ac.shape[0] < 1:
@@ -408,13 +407,8 @@ def ddim_sample(
             dimension; ``clip_x0 <= 0``; ``"eps"`` at a step where ``ā = 0`` (use ``"v"`` with zero-terminal-SNR
             schedules); an ``eta`` with ``σ² > 1 − a_prev``; a model output of the wrong shape.
     """
-    if not callable(model_fn):
-        raise TypeError(f"model_fn must be callable as model_fn(x_t, t), got {type(model_fn).__name__}")
-    if not isinstance(x_T, Tensor) or not x_T.dtype.is_floating_point:
-        what = f"dtype {x_T.dtype}" if isinstance(x_T, Tensor) else type(x_T).__name__
-        raise TypeError(f"x_T must be a floating-point tensor, got {what}")
-    if x_T.ndim < 1:
-        raise ValueError("x_T must have a batch dimension, got a 0-d tensor")
+    check_callable("model_fn", model_fn, "callable as model_fn(x_t, t)")
+    check_floating("x_T", x_T, min_ndim=1)
     check_choice("parameterization", parameterization, PARAMETERIZATIONS)
     if clip_x0 is not None:
         clip_x0 = check_real("clip_x0", clip_x0, minimum=0.0, min_inclusive=False)

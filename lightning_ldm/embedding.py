@@ -30,7 +30,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from lightning_ldm._checks import check_int, check_real
+from lightning_ldm._checks import check_int, check_real, check_tensor
 
 __all__ = ["SinusoidalTimestepEmbedding", "timestep_embedding"]
 
@@ -58,8 +58,7 @@ def _frequencies(half: int, max_period: float, device: torch.device) -> Tensor:
 
 
 def _validate(timesteps: Tensor, dim: int, max_period: float) -> None:
-    if not isinstance(timesteps, Tensor):
-        raise TypeError(f"timesteps must be a torch.Tensor of shape (N,), got {type(timesteps).__name__}")
+    check_tensor("timesteps", timesteps)
     if timesteps.ndim != 1:
         raise ValueError(f"timesteps must be 1-D with one timestep per sample, got shape {tuple(timesteps.shape)}")
     if timesteps.dtype.is_complex or timesteps.dtype == torch.bool:

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_ldm._checks import check_floating, check_int
-from lightning_ldm.media import check_value_range, to_uint8
+from lightning_ldm._checks import check_floating, check_int, check_value_range
+from lightning_ldm.media import to_uint8
 
 __all__ = ["InceptionFeatures", "RandomConvFeatures"]
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.amp.autocast_mode import is_autocast_available
 from torch.distributions import Distribution, Independent, Normal
 
-from lightning_ldm._checks import check_int, check_real, describe
+from lightning_ldm._checks import check_bool, check_instance, check_int, check_real, describe
 
 __all__ = ["FirstStage"]
 
@@ -253,21 +253,16 @@ class FirstStage(nn.Module):
         keep_weights_in_checkpoint: bool = True,
     ) -> None:
         super().__init__()
-        if not isinstance(autoencoder, nn.Module):
-            raise TypeError(f"autoencoder must be an nn.Module with encode/decode, got {type(autoencoder).__name__}")
+        check_instance("autoencoder", autoencoder, nn.Module, "an nn.Module with encode/decode")
         for method in ("encode", "decode"):
             if not callable(getattr(autoencoder, method, None)):
                 raise TypeError(
                     f"autoencoder {type(autoencoder).__name__} has no callable `{method}`; a first stage needs "
                     "encode(x) and decode(z)"
                 )
-        for name, flag in (
-            ("scale_by_std", scale_by_std),
-            ("autocast", autocast),
-            ("keep_weights_in_checkpoint", keep_weights_in_checkpoint),
-        ):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        scale_by_std = check_bool("scale_by_std", scale_by_std)
+        autocast = check_bool("autocast", autocast)
+        keep_weights_in_checkpoint = check_bool("keep_weights_in_checkpoint", keep_weights_in_checkpoint)
         if scale_factor is None:
             scale_factor = _config_value(autoencoder, "scaling_factor")
         scale = check_real(
@@ -369,14 +364,18 @@ class FirstStage(nn.Module):
         z = z.float() / self._scale
         return (z + self.shift) if self.shift else z
 
-    def _chunks(self, x: Tensor) -> tuple[Tensor, ...]:
+    @staticmethod
+    def _check_batch(x: Any) -> None:
+        """The public entries' one check of their input (``_run`` takes it unchecked)."""
         if not isinstance(x, Tensor) or x.ndim < 1 or x.shape[0] == 0:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"the first stage needs a Tensor with a non-empty batch dimension, got {shape}")
+
+    def _chunks(self, x: Tensor) -> tuple[Tensor, ...]:
         return (x,) if self.micro_batch_size is None else x.split(self.micro_batch_size)
 
     def _run(self, name: str, unwrap: str, x: Tensor) -> list[Any]:
-        """Call ``autoencoder.<name>`` per micro-batch without gradients and unwrap each output."""
+        """Call ``autoencoder.<name>`` per micro-batch without gradients and unwrap each output (``x`` is checked)."""
         method: Callable[[Tensor], Any] = getattr(self.autoencoder, name)
         chunks = self._chunks(x)
         with contextlib.ExitStack() as stack:
@@ -414,6 +413,7 @@ class FirstStage(nn.Module):
             TypeError: The autoencoder's output is neither a Tensor nor a distribution, or is a non-Gaussian
                 ``torch.distributions`` object while a ``generator`` is given (it cannot draw from it).
         """
+        self._check_batch(x)
         outputs = self._run("encode", "latent_dist", x)
         with torch.no_grad():
             z = _draw_latents(outputs, generator, sample_posterior)
@@ -433,11 +433,8 @@ class FirstStage(nn.Module):
         Raises:
             ValueError: ``z`` is not a Tensor with a non-empty batch dimension.
         """
-        if scaled:
-            self._chunks(z)
-            z_in = self.unscale_latents(z).to(z.dtype)
-        else:
-            z_in = z
+        self._check_batch(z)
+        z_in = self.unscale_latents(z).to(z.dtype) if scaled else z
         outputs = self._run("decode", "sample", z_in)
         return torch.cat(outputs).to(z.dtype)
 

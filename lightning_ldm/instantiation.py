@@ -21,9 +21,11 @@ from __future__ import annotations
 import contextvars
 import importlib
 import types
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
+
+from lightning_ldm._checks import check_mapping, check_str
 
 __all__ = ["ConfigImportError", "get_obj_from_str", "instantiate_from_config"]
 
@@ -88,8 +90,7 @@ def _loaders() -> tuple[Any, ...]:
 
 
 def _resolve(string: str, restrictions: tuple[Restriction, ...]) -> Any:
-    if not isinstance(string, str):
-        raise TypeError(f"target must be a str 'package.module.Name', got {string!r} of type {type(string).__name__}")
+    check_str("target", string, what="a str 'package.module.Name'")
     module_name, dot, name = string.rpartition(".")
     if not dot or not module_name or not name:
         raise ValueError(f"target={string!r} is not a dotted path; expected 'package.module.Name'")
@@ -185,18 +186,13 @@ def instantiate_from_config(config: Any, *, allowed_prefixes: Sequence[str] | No
             f"Expected key `target` to instantiate. Got the string {config!r}; the only string configs are "
             f"{', '.join(map(repr, _SENTINELS))}"
         )
-    if not isinstance(config, Mapping):
-        raise TypeError(
-            f"config must be a mapping with a 'target' key (or one of {', '.join(map(repr, _SENTINELS))}), got "
-            f"{type(config).__name__}"
-        )
+    check_mapping("config", config, f"a mapping with a 'target' key (or one of {', '.join(map(repr, _SENTINELS))})")
     if "target" not in config:
         raise KeyError("Expected key `target` to instantiate.")
     params = config.get("params")
     if params is None:
         params = {}
-    if not isinstance(params, Mapping):
-        raise TypeError(f"params of target={config['target']!r} must be a mapping, got {type(params).__name__}")
+    check_mapping(f"params of target={config['target']!r}", params)
     bad = [k for k in params if not isinstance(k, str)]
     if bad:
         raise TypeError(f"params of target={config['target']!r} must have str keys, got {bad!r}")

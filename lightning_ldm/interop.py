@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_ldm._checks import PREDICTION_TYPES, check_bool, check_choice, check_int, check_real
+from lightning_ldm._checks import PREDICTION_TYPES, check_bool, check_choice, check_int, check_mapping, check_real
 from lightning_ldm.schedule_config import ScheduleConfig
 from lightning_ldm.schedules import make_beta_schedule
 
@@ -147,8 +147,7 @@ def from_diffusers_config(config: Mapping[str, Any]) -> dict[str, Any]:
             ones), ``trained_betas`` that are not a 1-D list of numbers, or ``num_train_timesteps`` that disagrees
             with ``len(trained_betas)``.
     """
-    if not isinstance(config, Mapping):
-        raise TypeError(f"config must be a mapping (a diffusers scheduler config), got {type(config).__name__}")
+    check_mapping("config", config, "a mapping (a diffusers scheduler config)")
     cfg = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in config.items() if v is not None or k == "trained_betas"}}
     check_choice("config['beta_schedule']", cfg["beta_schedule"], tuple(_FROM_DIFFUSERS_SCHEDULE))
     check_choice("config['prediction_type']", cfg["prediction_type"], tuple(_FROM_PREDICTION))

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_ldm._checks import check_int, check_real
+from lightning_ldm._checks import check_floating, check_int, check_real, check_value_range
 
 __all__ = [
     "check_value_range",
@@ -42,22 +42,6 @@ def _pil() -> Any:
     return Image
 
 
-def check_value_range(value_range: Sequence[float]) -> tuple[float, float]:
-    """Return ``value_range`` as ``(low, high)`` floats after checking ``low < high``.
-
-    Raises:
-        TypeError: ``value_range`` is not a pair of real numbers.
-        ValueError: The numbers are not finite or ``low >= high``.
-    """
-    if isinstance(value_range, (str, bytes)) or not isinstance(value_range, Sequence) or len(value_range) != 2:
-        raise TypeError(f"value_range must be a pair (low, high) of real numbers, got {value_range!r}")
-    low = check_real("value_range[0]", value_range[0])
-    high = check_real("value_range[1]", value_range[1])
-    if not low < high:
-        raise ValueError(f"value_range=({low:g}, {high:g}) is empty; expected low < high")
-    return low, high
-
-
 def to_uint8(x: Tensor, value_range: Sequence[float] = (-1.0, 1.0)) -> Tensor:
     """Map ``x`` from ``value_range`` to uint8 on the CPU: ``round(255·clamp((x − low)/(high − low), 0, 1))``.
 
@@ -74,9 +58,7 @@ def to_uint8(x: Tensor, value_range: Sequence[float] = (-1.0, 1.0)) -> Tensor:
         TypeError: ``x`` is not a floating tensor, or ``value_range`` is not a pair of numbers.
         ValueError: ``value_range`` is empty.
     """
-    if not isinstance(x, Tensor) or not x.dtype.is_floating_point:
-        described = f"a tensor of dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
-        raise TypeError(f"x must be a floating tensor, got {described}")
+    check_floating("x", x)
     low, high = check_value_range(value_range)
     scaled = ((x.detach().float().cpu() - low) / (high - low)).nan_to_num(0.0).clamp(0.0, 1.0)
     return (scaled * 255.0).round().to(torch.uint8)

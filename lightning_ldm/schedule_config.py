@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from lightning_ldm._checks import check_betas, check_bool, check_choice, check_int, check_real
+from lightning_ldm._checks import check_betas, check_bool, check_choice, check_int, check_mapping, check_real
 from lightning_ldm.parameterization import PARAMETERIZATIONS, Parameterization
 from lightning_ldm.schedules import SCHEDULES, ScheduleName, make_beta_schedule
 
@@ -109,8 +109,7 @@ class ScheduleConfig:
             TypeError: ``values`` is not a mapping, or a value has the wrong type.
             ValueError: A key is not a field (the message lists them), or a value is not accepted.
         """
-        if not isinstance(values, Mapping):
-            raise TypeError(f"values must be a mapping of schedule arguments, got {type(values).__name__}")
+        check_mapping("values", values, "a mapping of schedule arguments")
         fields = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(values) - set(fields))
         if unknown:

@@ -22,7 +22,7 @@ import torch
 from numpy.typing import ArrayLike
 from torch import Tensor
 
-from lightning_ldm._checks import check_betas, check_choice, check_int, check_real
+from lightning_ldm._checks import check_betas, check_callable, check_choice, check_floating, check_int, check_real
 
 __all__ = [
     "SCHEDULES",
@@ -152,8 +152,7 @@ def betas_for_alpha_bar(
             resulting beta that is negative (``alpha_bar`` increases) or not finite.
     """
     num_diffusion_timesteps = check_int("num_diffusion_timesteps", num_diffusion_timesteps, minimum=1)
-    if not callable(alpha_bar):
-        raise TypeError(f"alpha_bar must be a callable t -> ā(t), got {alpha_bar!r} of type {type(alpha_bar).__name__}")
+    check_callable("alpha_bar", alpha_bar, "a callable t -> ā(t)")
     max_beta = check_real("max_beta", max_beta, minimum=0.0, maximum=1.0, min_inclusive=False)
     n = num_diffusion_timesteps
     betas = []
@@ -202,8 +201,7 @@ def rescale_zero_terminal_snr(betas: ArrayLike) -> np.ndarray:
 
 def _as_alphas_cumprod(alphas_cumprod: ArrayLike | Tensor) -> np.ndarray | Tensor:
     if isinstance(alphas_cumprod, Tensor):
-        if not alphas_cumprod.dtype.is_floating_point:
-            raise TypeError(f"alphas_cumprod must be a floating tensor, got dtype {alphas_cumprod.dtype}")
+        check_floating("alphas_cumprod", alphas_cumprod)
         return alphas_cumprod.to(torch.promote_types(alphas_cumprod.dtype, torch.float32))
     return np.asarray(alphas_cumprod, dtype=np.float64)
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_ldm._checks import check_int
+from lightning_ldm._checks import check_int, check_tensor, check_timestep_list
 from lightning_ldm.seeding import derive_seed
 
 __all__ = [
@@ -95,19 +95,6 @@ def fixed_noise(like: Tensor, t: int, *, seed: int, batch_index: int, dataloader
     return torch.randn(like.shape, generator=generator, dtype=torch.float32).to(like.device)
 
 
-def _check_timesteps(timesteps: Iterable[int], num_timesteps: int | None) -> tuple[int, ...]:
-    if isinstance(timesteps, (str, bytes, Tensor)) or not isinstance(timesteps, Iterable):
-        raise TypeError(f"timesteps must be a sequence of integers, got {type(timesteps).__name__}")
-    maximum = None if num_timesteps is None else check_int("num_timesteps", num_timesteps, minimum=1) - 1
-    grid = tuple(check_int(f"timesteps[{i}]", t, minimum=0, maximum=maximum) for i, t in enumerate(timesteps))
-    if not grid:
-        raise ValueError("timesteps must hold at least one timestep, got an empty sequence")
-    repeated = sorted({t for t in grid if grid.count(t) > 1})
-    if repeated:
-        raise ValueError(f"timesteps must be distinct, got {repeated} more than once")
-    return grid
-
-
 def fixed_timestep_losses(
     loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor],
     x_start: Tensor,
@@ -139,9 +126,8 @@ def fixed_timestep_losses(
         ValueError: ``timesteps`` is empty, repeats a timestep or holds one outside ``[0, T)``, ``x_start`` has no
             batch dimension, or ``loss_fn`` returned more than one number.
     """
-    grid = _check_timesteps(timesteps, num_timesteps)
-    if not isinstance(x_start, Tensor):
-        raise TypeError(f"x_start must be a tensor, got {type(x_start).__name__}")
+    grid = check_timestep_list(timesteps, num_timesteps)
+    check_tensor("x_start", x_start)
     if x_start.ndim < 1 or x_start.shape[0] < 1:
         raise ValueError(f"x_start must have a non-empty batch dimension, got shape {tuple(x_start.shape)}")
     losses: dict[int, Tensor] = {}

@@ -173,7 +173,7 @@ def test_fixed_endpoints_are_exact():
         ((-0.1, "fixed"), ValueError, r"alpha=-0.1 is out of range"),
         ((float("nan"), "learned"), ValueError, "alpha=nan must be finite"),
         (("0.5", "learned"), TypeError, "alpha must be a real number"),
-        ((0.5, "learned", 3), TypeError, "rearrange_pattern must be a str, got int"),
+        ((0.5, "learned", 3), TypeError, "rearrange_pattern must be a string, got 3 of type int"),
         ((0.5, "learned", "b t"), ValueError, "rearrange_pattern='b t' is not an einops pattern"),
         ((0.5, "learned", "b t -> b q"), ValueError, r"rearrange_pattern='b t -> b q' is not an einops pattern over"),
         ((0.5, "learned", "b c h -> b c h 1"), ValueError, r"expected e.g. 'b t -> \(b t\) 1 1'"),

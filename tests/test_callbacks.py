@@ -271,6 +271,11 @@ def test_gradient_checkpointing_bad_use_reentrant() -> None:
         GradientCheckpointing(["x"], use_reentrant="no")  # type: ignore[arg-type]
 
 
+def test_gradient_checkpointing_accepts_a_numpy_bool() -> None:
+    callback = GradientCheckpointing(["x"], use_reentrant=np.True_)  # type: ignore[arg-type]
+    assert callback.use_reentrant is True
+
+
 def test_gradient_checkpointing_refuses_fsdp_and_reentrant_with_unused_parameters() -> None:
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 

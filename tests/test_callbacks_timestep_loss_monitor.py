@@ -64,6 +64,11 @@ def test_bad_arguments(kwargs: dict, error: type, match: str) -> None:
         TimestepLossMonitor(**kwargs)
 
 
+@pytest.mark.parametrize("flag", [np.True_, np.False_])
+def test_log_schedule_accepts_a_numpy_bool(flag: np.bool_) -> None:
+    assert TimestepLossMonitor(log_schedule=flag).log_schedule is bool(flag)  # type: ignore[arg-type]
+
+
 def test_refuses_more_buckets_than_timesteps() -> None:
     with pytest.raises(ValueError, match=r"num_buckets=50 is larger than the schedule's 20 timesteps; expected an in"):
         make_trainer(callbacks=[TimestepLossMonitor(num_buckets=50)]).fit(TinyDenoiser(timesteps=T), make_loader())

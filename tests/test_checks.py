@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from types import MappingProxyType, SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -12,16 +12,22 @@ import torch
 from lightning_ldm._checks import (
     check_betas,
     check_bool,
+    check_callable,
     check_choice,
     check_floating,
+    check_instance,
     check_int,
+    check_mapping,
     check_real,
     check_same_shape,
     check_scheduler,
     check_scheduler_steps,
     check_shape,
+    check_str,
     check_tensor,
+    check_timestep_list,
     check_timesteps,
+    check_value_range,
     describe,
 )
 
@@ -85,6 +91,88 @@ def test_check_bool_accepts_python_and_numpy_bools() -> None:
 def test_check_bool_refuses_other_types(value: Any, match: str) -> None:
     with pytest.raises(TypeError, match=match):
         check_bool("flag", value)
+
+
+# ------------------------------------------------------------ check_instance, check_str, check_callable, check_mapping
+def test_check_instance_returns_the_value_of_an_accepted_type() -> None:
+    module = torch.nn.Identity()
+    assert check_instance("m", module, torch.nn.Module, "an nn.Module") is module
+    assert check_instance("x", 3, (int, float), "a number") == 3
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        ("net", r"^m must be an nn.Module with forward, got 'net' of type str$"),
+        (torch.nn.Linear, r"^m must be an nn.Module with forward, got <class 'torch.nn.modules.linear.Linear'> of"),
+        (torch.ones(2, 3), r"^m must be an nn.Module with forward, got a tensor of shape \(2, 3\), dtype torch.float"),
+    ],
+)
+def test_check_instance_names_the_argument_the_value_and_what_is_accepted(value: Any, match: str) -> None:
+    with pytest.raises(TypeError, match=match):
+        check_instance("m", value, torch.nn.Module, "an nn.Module with forward")
+
+
+def test_check_str() -> None:
+    assert check_str("tag", "samples") == "samples"
+    assert check_str("tag", "") == ""
+    with pytest.raises(TypeError, match=r"^tag must be a string, got 3 of type int$"):
+        check_str("tag", 3)
+    with pytest.raises(TypeError, match=r"^tag must be a string, got b'x' of type bytes$"):
+        check_str("tag", b"x", nonempty=True)
+    with pytest.raises(ValueError, match=r"^tag must be a non-empty string, got ''$"):
+        check_str("tag", "", nonempty=True)
+    with pytest.raises(TypeError, match=r"^target must be a dotted path, got None of type NoneType$"):
+        check_str("target", None, what="a dotted path")
+
+
+def test_check_callable() -> None:
+    assert check_callable("f", len) is len
+    with pytest.raises(TypeError, match=r"^f must be callable, got 1.5 of type float$"):
+        check_callable("f", 1.5)
+    with pytest.raises(TypeError, match=r"^f must be callable as f\(x\), got \[1, 2\] of type list$"):
+        check_callable("f", [1, 2], "callable as f(x)")
+
+
+def test_check_mapping() -> None:
+    given = {"a": 1}
+    assert check_mapping("options", given) is given
+    proxy = MappingProxyType(given)  # any Mapping, not only dict
+    assert check_mapping("options", proxy) is proxy
+    with pytest.raises(TypeError, match=r"^options must be a mapping, got \[\('a', 1\)\] of type list$"):
+        check_mapping("options", [("a", 1)])
+    with pytest.raises(TypeError, match=r"^options must be a mapping of sample\(\) options, got 'a=1' of type str$"):
+        check_mapping("options", "a=1", "a mapping of sample() options")
+
+
+# ------------------------------------------------------------------------------ check_value_range, check_timestep_list
+def test_check_value_range() -> None:
+    assert check_value_range((0, 255)) == (0.0, 255.0) and check_value_range([-1.0, 1.0]) == (-1.0, 1.0)
+    with pytest.raises(TypeError, match=r"^value_range must be a pair \(low, high\) of real numbers, got \(0.0,\)$"):
+        check_value_range((0.0,))
+    with pytest.raises(TypeError, match=r"^span must be a pair \(low, high\) of real numbers, got '01'$"):
+        check_value_range("01", "span")
+    with pytest.raises(TypeError, match=r"^span\[1\] must be a real number, got 'x' of type str$"):
+        check_value_range((0, "x"), "span")
+    with pytest.raises(ValueError, match=r"^value_range=\(2, -1\) is empty; expected low < high$"):
+        check_value_range((2.0, -1.0))
+
+
+def test_check_timestep_list() -> None:
+    assert check_timestep_list([3, np.int64(0), 7], 8) == (3, 0, 7)
+    assert check_timestep_list(range(2)) == (0, 1)
+    with pytest.raises(TypeError, match=r"^timesteps must be a sequence of integers, got Tensor$"):
+        check_timestep_list(torch.tensor([1]))
+    with pytest.raises(TypeError, match=r"^grid must be a sequence of integers, got str$"):
+        check_timestep_list("12", name="grid")
+    with pytest.raises(TypeError, match=r"^timesteps\[1\] must be an integer, got 1.5 of type float$"):
+        check_timestep_list([0, 1.5])
+    with pytest.raises(ValueError, match=r"^timesteps\[1\]=8 is out of range; expected an integer in \[0, 7\]$"):
+        check_timestep_list([0, 8], 8)
+    with pytest.raises(ValueError, match=r"^timesteps must hold at least one timestep, got an empty sequence$"):
+        check_timestep_list([])
+    with pytest.raises(ValueError, match=r"^timesteps must be distinct, got \[2\] more than once$"):
+        check_timestep_list([2, 1, 2])
 
 
 # ---------------------------------------------------------------------------------------------------- check_int

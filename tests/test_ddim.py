@@ -435,7 +435,7 @@ def test_ddim_sample_errors():
     x_T = torch.zeros(2, 3)
     with pytest.raises(TypeError, match=r"model_fn must be callable"):
         ddim_sample(None, x_T, AC)
-    with pytest.raises(TypeError, match=r"x_T must be a floating-point tensor, got dtype torch.int64"):
+    with pytest.raises(TypeError, match=r"x_T must be a floating tensor .*dtype torch.int64"):
         ddim_sample(toy_model, torch.zeros(2, 3, dtype=torch.long), AC)
     with pytest.raises(ValueError, match=r"x_T must have a batch dimension"):
         ddim_sample(toy_model, torch.tensor(0.0), AC)

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -502,7 +503,11 @@ class WeirdAE(TupleAE):
     [
         (lambda: FirstStage(NoDecode()), TypeError, r"autoencoder NoDecode has no callable `decode`"),
         (lambda: FirstStage(nn.Linear(2, 2)), TypeError, r"autoencoder Linear has no callable `encode`"),
-        (lambda: FirstStage(object()), TypeError, r"autoencoder must be an nn.Module with encode/decode, got object"),
+        (
+            lambda: FirstStage(object()),
+            TypeError,
+            r"autoencoder must be an nn.Module with encode/decode, got <object object at .*> of type object",
+        ),
         (
             lambda: FirstStage(make_ae(), scale_factor=0.0),
             ValueError,
@@ -518,6 +523,12 @@ class WeirdAE(TupleAE):
 def test_construction_errors(build: Any, error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         build()
+
+
+@pytest.mark.parametrize("name", ["scale_by_std", "autocast", "keep_weights_in_checkpoint"])
+def test_flags_accept_a_numpy_bool(name: str) -> None:
+    stage = FirstStage(make_ae(), **{name: np.True_})
+    assert getattr(stage, name) is True
 
 
 def test_call_errors() -> None:

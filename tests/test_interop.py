@@ -137,7 +137,7 @@ def test_to_diffusers_config_errors(kwargs, exc, match):
         (
             [("beta_schedule", "linear")],
             TypeError,
-            r"config must be a mapping \(a diffusers scheduler config\), got list",
+            r"config must be a mapping \(a diffusers scheduler config\), got .* of type list",
         ),
         (
             {"beta_schedule": "sigmoid"},

@@ -123,7 +123,7 @@ def params(model: nn.Module) -> list[Tensor]:
         ({"every_n_steps": -3}, ValueError, r"every_n_steps=-3 is out of range"),
         ({"every_n_steps": 2.0}, TypeError, r"every_n_steps must be an integer, got 2.0"),
         ({"at_validation_end": False}, ValueError, r"every_n_steps=None and at_validation_end=False would never log"),
-        ({"at_validation_end": 1}, TypeError, r"at_validation_end must be a bool, got int"),
+        ({"at_validation_end": 1}, TypeError, r"at_validation_end must be a bool, got 1 of type int"),
         ({"shape": (4,)}, ValueError, r"shape must have a batch axis and at least one more, got \(4,\)"),
         ({"shape": (4, 0, 2)}, ValueError, r"shape\[1\]=0 is out of range"),
         ({"shape": "4x4"}, TypeError, r"shape must be a sequence of positive integers, got str"),
@@ -149,7 +149,7 @@ def params(model: nn.Module) -> list[Tensor]:
         ({"max_frames": 0}, ValueError, r"max_frames=0 is out of range"),
         ({"fps": 0}, ValueError, r"fps=0 is out of range"),
         ({"tag": ""}, ValueError, r"tag must be a non-empty string, got ''"),
-        ({"tag": 3}, TypeError, r"tag must be a string, got int"),
+        ({"tag": 3}, TypeError, r"tag must be a string, got 3 of type int"),
         ({"sample_kwargs": {"clip_x0": 0.0}}, ValueError, r"sample_kwargs\['clip_x0'\]=0 is out of range"),
     ],
 )
@@ -158,6 +158,11 @@ def test_constructor_errors(kwargs: dict[str, Any], error: type[Exception], matc
     call.update(kwargs)
     with pytest.raises(error, match=match):
         SampleLogger(**call)
+
+
+def test_at_validation_end_accepts_a_numpy_bool() -> None:
+    assert SampleLogger(IMAGE, at_validation_end=np.True_).at_validation_end is True  # type: ignore[arg-type]
+    assert SampleLogger(IMAGE, every_n_steps=2, at_validation_end=np.False_).at_validation_end is False  # type: ignore[arg-type]
 
 
 def test_noise_is_fixed_float32_from_the_seed() -> None:

@@ -435,7 +435,7 @@ def test_two_gloo_ranks_give_the_values_of_one_process(tmp_path: Path) -> None:
         ({"batch_size": 0}, ValueError, r"batch_size=0 is out of range"),
         ({"kid_subsets": 0}, ValueError, r"kid_subsets=0 is out of range"),
         ({"kid_subset_size": 1}, ValueError, r"kid_subset_size=1 is out of range; expected an integer >= 2"),
-        ({"prefix": 3}, TypeError, "prefix must be a string, got int"),
+        ({"prefix": 3}, TypeError, "prefix must be a string, got 3 of type int"),
         ({"shape": (1, 1, 4, 4)}, ValueError, r"shape\[0\]=1 is out of range; expected an integer >= 2"),
         ({"reference": torch.zeros(4, 1, dtype=torch.long)}, TypeError, "reference must be a floating tensor"),
         ({"reference": torch.zeros(1, 1, 4, 4)}, ValueError, r"reference.shape\[0\]=1 is out of range"),

@@ -93,7 +93,7 @@ def test_global_rng_is_not_used() -> None:
         ({"seed": -1}, ValueError, "seed=-1 is out of range"),
         ({"batch_index": "0"}, TypeError, "batch_index must be an integer"),
         ({"x_start": torch.zeros(())}, ValueError, r"x_start must have a non-empty batch dimension, got shape \(\)"),
-        ({"x_start": [1.0]}, TypeError, "x_start must be a tensor, got list"),
+        ({"x_start": [1.0]}, TypeError, "x_start must be a torch.Tensor, got list"),
         (
             {"loss_fn": lambda x, t, n: (x - n).square()},
             ValueError,

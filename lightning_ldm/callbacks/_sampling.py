@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback, WeightAveraging
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from lightning_ldm._checks import check_choice, check_int, check_real, check_sampler
+from lightning_ldm._checks import check_choice, check_int, check_mapping, check_real, check_sampler
 from lightning_ldm.ddim import DDIM_METHODS
 
 __all__ = [
@@ -160,8 +160,7 @@ def check_sample_kwargs(sample_kwargs: Mapping[str, Any] | None) -> dict[str, An
     """
     if sample_kwargs is None:
         sample_kwargs = {}
-    if not isinstance(sample_kwargs, Mapping):
-        raise TypeError(f"sample_kwargs must be a mapping of sample() options, got {type(sample_kwargs).__name__}")
+    check_mapping("sample_kwargs", sample_kwargs, "a mapping of sample() options")
     unknown = sorted(set(sample_kwargs) - set(SAMPLE_DEFAULTS))
     if unknown:
         raise ValueError(

@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from torch import nn
 
+from lightning_ldm._checks import check_bool
 from lightning_ldm.checkpointing import checkpoint as ldm_checkpoint
 
 __all__ = ["GradientCheckpointing"]
@@ -73,10 +74,8 @@ class GradientCheckpointing(Callback):
                     f"modules holds {spec!r} of type {type(spec).__name__}; expected nn.Module subclasses or "
                     "module name patterns (str)"
                 )
-        if not isinstance(use_reentrant, bool):
-            raise TypeError(f"use_reentrant must be a bool, got {use_reentrant!r}")
         self.modules: tuple[ModuleSpec, ...] = tuple(modules)
-        self.use_reentrant = use_reentrant
+        self.use_reentrant = check_bool("use_reentrant", use_reentrant)
         #: Qualified names of the modules checkpointed in the current fit.
         self.checkpointed_names: list[str] = []
         self._undo: list[Callable[[], None]] = []

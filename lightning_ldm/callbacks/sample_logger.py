@@ -28,7 +28,15 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_ldm._checks import check_int, check_real, check_scheduler, check_shape
+from lightning_ldm._checks import (
+    check_bool,
+    check_int,
+    check_real,
+    check_scheduler,
+    check_shape,
+    check_str,
+    check_value_range,
+)
 from lightning_ldm.callbacks._diffusion import diffusion_module
 from lightning_ldm.callbacks._sampling import (
     callbacks_of,
@@ -39,7 +47,7 @@ from lightning_ldm.callbacks._sampling import (
 )
 from lightning_ldm.callbacks.sample_writers import write_image, write_video
 from lightning_ldm.latent import LatentDiffusionMixin
-from lightning_ldm.media import check_value_range, image_grid, to_uint8, video_grid
+from lightning_ldm.media import image_grid, to_uint8, video_grid
 from lightning_ldm.mixin import DiffusionMixin
 from lightning_ldm.seeding import derive_seed
 
@@ -178,8 +186,7 @@ class SampleLogger(Callback):
     ) -> None:
         self.shape = check_shape("shape", shape, min_ndim=2)
         self.every_n_steps = None if every_n_steps is None else check_int("every_n_steps", every_n_steps, minimum=1)
-        if not isinstance(at_validation_end, bool):
-            raise TypeError(f"at_validation_end must be a bool, got {type(at_validation_end).__name__}")
+        at_validation_end = check_bool("at_validation_end", at_validation_end)
         if self.every_n_steps is None and not at_validation_end:
             raise ValueError("every_n_steps=None and at_validation_end=False would never log; set one of them")
         self.at_validation_end = at_validation_end
@@ -190,11 +197,7 @@ class SampleLogger(Callback):
             raise ValueError(f"guidance_scale={scale:g} needs both cond and uncond; got only one or none")
         self.seed = check_int("seed", seed, minimum=0)
         self.value_range = check_value_range(value_range)
-        if not isinstance(tag, str):
-            raise TypeError(f"tag must be a string, got {type(tag).__name__}")
-        if not tag:
-            raise ValueError("tag must be a non-empty string, got ''")
-        self.tag = tag
+        self.tag = check_str("tag", tag, nonempty=True)
         self.nrow = None if nrow is None else check_int("nrow", nrow, minimum=1)
         self.frame_dim = check_int("frame_dim", frame_dim, minimum=1, maximum=2)
         self.max_frames = None if max_frames is None else check_int("max_frames", max_frames, minimum=1)

@@ -63,7 +63,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 from typing_extensions import override
 
-from lightning_ldm._checks import check_bool, check_floating, check_int
+from lightning_ldm._checks import check_bool, check_floating, check_instance, check_int, check_str
 from lightning_ldm.callbacks._diffusion import diffusion_module, gather_rows
 from lightning_ldm.callbacks._sampling import floating_dtype, sampling_weights, training_streams_kept
 from lightning_ldm.callbacks.sample_logger import SampleLogger
@@ -299,20 +299,16 @@ class SampleQualityMonitor(Callback):
         self.at_validation_end = check_bool("at_validation_end", at_validation_end)
         if self.every_n_steps is None and not self.at_validation_end:
             raise ValueError("every_n_steps=None and at_validation_end=False would never evaluate; set one of them")
-        if features is not None and not isinstance(features, nn.Module):
-            raise TypeError(
-                f"features must be an nn.Module mapping images (B, ...) to vectors (B, D), or None, "
-                f"got {type(features).__name__}"
-            )
+        if features is not None:
+            what = "an nn.Module mapping images (B, ...) to vectors (B, D), or None"
+            check_instance("features", features, nn.Module, what)
         self.features = features
         self.batch_size = None if batch_size is None else check_int("batch_size", batch_size, minimum=1)
         self.kid_subsets = check_int("kid_subsets", kid_subsets, minimum=1)
         self.kid_subset_size = (
             None if kid_subset_size is None else check_int("kid_subset_size", kid_subset_size, minimum=2)
         )
-        if not isinstance(prefix, str):
-            raise TypeError(f"prefix must be a string, got {type(prefix).__name__}")
-        self.prefix = prefix
+        self.prefix = check_str("prefix", prefix)
         #: The values of the last evaluation (``{name: float}``), empty before.
         self.last_metrics: dict[str, float] = {}
         self._last_step: int | None = None

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_ldm._checks import check_int
+from lightning_ldm._checks import check_bool, check_int
 from lightning_ldm.callbacks._diffusion import diffusion_module, schedule_timesteps
 from lightning_ldm.callbacks._schedule_curve import write_curve
 from lightning_ldm.metrics import TimestepBucketLoss
@@ -66,9 +66,7 @@ class TimestepLossMonitor(Callback):
         self.log_every_n_steps = (
             None if log_every_n_steps is None else check_int("log_every_n_steps", log_every_n_steps, minimum=1)
         )
-        if not isinstance(log_schedule, bool):
-            raise TypeError(f"log_schedule must be a bool, got {log_schedule!r} of type {type(log_schedule).__name__}")
-        self.log_schedule = log_schedule
+        self.log_schedule = check_bool("log_schedule", log_schedule)
         self.bucket_loss: TimestepBucketLoss | None = None
         #: Log-SNR per timestep (float64, CPU), set at fit start.
         self.log_snr: Tensor | None = None
