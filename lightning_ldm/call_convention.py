@@ -12,9 +12,11 @@ convention       call                                                           
 ``UNet2DConditionModel`` and any network written to their convention); otherwise it is ``"compvis"``. A wrapper whose
 ``forward`` takes only ``*args, **kwargs`` (a compiled module) is read as ``"compvis"``: name the convention for it.
 
-:func:`call_denoiser` makes the call with the condition under the convention's name for it (``"context"`` →
-``encoder_hidden_states``, ``"vector"`` → ``class_labels``, or ``added_cond_kwargs={"image_embeds": ...}`` for a
-diffusers UNet whose only vector input is an ``"image"`` addition embedding) and unwraps diffusers' output. Before the
+:func:`call_denoiser` makes the call with the condition under the convention's name for it (``context`` →
+``encoder_hidden_states``, ``vector`` → ``class_labels``) and unwraps diffusers' output. A diffusers UNet without a
+class embedding would ignore ``class_labels``: a vector condition for one is refused. Its ``added_cond_kwargs`` (SDXL's
+``text_embeds``/``time_ids``) go in a mapping condition to :meth:`~lightning_ldm.DiffusionMixin.apply_model`, which
+spreads it. Before the
 call it checks that the network takes that name: a network that takes neither convention's name gets a
 ``TypeError`` naming both, instead of an ``unexpected keyword argument`` from deep inside its ``forward``.
 """
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any, Literal, TypeAlias, cast
+from typing import Any, Literal, TypeAlias
 from weakref import WeakKeyDictionary
 
 from torch import Tensor, nn
@@ -109,22 +111,18 @@ def _name(model: Callable[..., Any]) -> str:
     return type(model).__name__ if isinstance(model, nn.Module) else getattr(model, "__name__", type(model).__name__)
 
 
-def _vector_keyword(model: Callable[..., Any]) -> str:
-    """Where a diffusers-convention network takes a class/vector condition: ``class_labels`` or ``image_embeds``.
+def _check_vector_input(model: Callable[..., Any]) -> None:
+    """Refuse a class/vector condition for a diffusers UNet without a class embedding (which ignores ``class_labels``).
 
-    A diffusers UNet without a class embedding ignores ``class_labels``; when its addition embedding is ``"image"``
-    the vector goes to ``added_cond_kwargs["image_embeds"]``, otherwise it has no input for one.
+    Its other vector inputs (``added_cond_kwargs``, e.g. SDXL's ``text_embeds`` and ``time_ids``) take several tensors
+    by name: pass them as a mapping condition to a :class:`~lightning_ldm.DiffusionMixin` network instead.
     """
-    if getattr(model, "class_embedding", "absent") is not None:  # has one, or is not a diffusers UNet
-        return "class_labels"
-    addition = getattr(getattr(model, "config", None), "addition_embed_type", None)
-    if addition == "image":
-        return "image_embeds"
-    raise ValueError(
-        f"{_name(model)} has no class embedding (its config sets neither class_embed_type nor num_class_embeds) and "
-        f"its addition_embed_type is {addition!r}, so it would ignore class_labels; a class/vector condition "
-        "(conditioning_key='adm') needs a class embedding or addition_embed_type='image'"
-    )
+    if getattr(model, "class_embedding", "absent") is None:
+        raise ValueError(
+            f"{_name(model)} has no class embedding (its config sets neither class_embed_type nor num_class_embeds), "
+            "so it would ignore class_labels; a class/vector condition (conditioning_key='adm') needs one. Inputs "
+            "under added_cond_kwargs go in a mapping condition to DiffusionMixin.apply_model"
+        )
 
 
 def call_denoiser(
@@ -154,7 +152,7 @@ def call_denoiser(
     Raises:
         TypeError: The network's ``forward`` does not take a keyword the call needs, or a diffusers-convention
             network returned neither a Tensor, an output with ``.sample`` nor a tuple.
-        ValueError: A vector condition for a diffusers UNet that has no input for one.
+        ValueError: A vector condition for a diffusers UNet that has no class embedding.
     """
     names = _NAMES[convention]
     sig = _signature(model)
@@ -162,15 +160,15 @@ def call_denoiser(
     for role, given in (("context", context), ("vector", vector)):
         if given is None:
             continue
-        keyword, value = names[role], cast(Any, given)
-        if convention == "diffusers" and role == "vector" and _vector_keyword(model) == "image_embeds":
-            keyword, value = "added_cond_kwargs", {"image_embeds": given}
+        keyword = names[role]
+        if convention == "diffusers" and role == "vector":
+            _check_vector_input(model)
         if not sig.takes(keyword):
             raise TypeError(
                 f"{routed_by} passes the condition as {keyword}= under call_convention={convention!r}, but "
                 f"{_name(model)}.forward{sig.text} does not take it; a conditioned denoiser takes {_BOTH}"
             )
-        kwargs[keyword] = value
+        kwargs[keyword] = given
     if convention == "compvis":
         return model(x, t, **kwargs)
     if sig.params.get("encoder_hidden_states") and "encoder_hidden_states" not in kwargs:

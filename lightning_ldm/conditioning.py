@@ -24,8 +24,7 @@ key              call
 ``"concat"``     ``model(torch.cat([x, *c_concat], 1), t).sample``
 ``"crossattn"``  ``model(x, t, encoder_hidden_states=torch.cat(c_crossattn, 1)).sample``
 ``"hybrid"``     ``model(torch.cat([x, *c_concat], 1), t, encoder_hidden_states=torch.cat(c_crossattn, 1)).sample``
-``"adm"``        ``model(x, t, class_labels=c_crossattn[0]).sample`` (``added_cond_kwargs={"image_embeds": ...}``
-                 for a UNet whose vector input is an ``"image"`` addition embedding)
+``"adm"``        ``model(x, t, class_labels=c_crossattn[0]).sample`` (refused for a UNet without a class embedding)
 ===============  ==============================================================================================
 
 A condition that is not a dict (a Tensor, or a list of Tensors) goes under ``"c_concat"`` for ``"concat"`` and under
@@ -165,7 +164,7 @@ def apply_conditioned(
     Raises:
         ValueError: Unknown ``conditioning_key`` or ``call_convention``; a condition the key does not use (including
             any condition for ``None``) or a missing one; shapes that do not concatenate; more than one ``adm``
-            vector; an ``adm`` vector for a diffusers UNet that has no input for one.
+            vector; an ``adm`` vector for a diffusers UNet that has no class embedding.
         TypeError: ``cond`` has the wrong type, or ``model`` does not take the keyword its convention routes the
             condition to (the message names both conventions).
     """
