@@ -13,6 +13,20 @@ key              call
 ``"adm"``        ``model(x, t, y=c_crossattn[0])``
 ===============  ==============================================================================================
 
+A diffusers network (``UNet2DModel``, ``UNet2DConditionModel`` or one with their call convention, see
+:mod:`~lightning_ldm.call_convention`) gets the same conditions under diffusers' names, and its output's ``.sample``
+is returned:
+
+===============  ==============================================================================================
+key              call
+===============  ==============================================================================================
+``None``         ``model(x, t).sample``
+``"concat"``     ``model(torch.cat([x, *c_concat], 1), t).sample``
+``"crossattn"``  ``model(x, t, encoder_hidden_states=torch.cat(c_crossattn, 1)).sample``
+``"hybrid"``     ``model(torch.cat([x, *c_concat], 1), t, encoder_hidden_states=torch.cat(c_crossattn, 1)).sample``
+``"adm"``        ``model(x, t, class_labels=c_crossattn[0]).sample`` (refused for a UNet without a class embedding)
+===============  ==============================================================================================
+
 A condition that is not a dict (a Tensor, or a list of Tensors) goes under ``"c_concat"`` for ``"concat"`` and under
 ``"c_crossattn"`` otherwise. :class:`HybridConditioner` returns the dict form directly.
 
@@ -33,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ldm._checks import check_choice, check_real
+from lightning_ldm.call_convention import call_denoiser, resolve_call_convention
 from lightning_ldm.instantiation import instantiate_from_config
 
 __all__ = [
@@ -122,7 +137,15 @@ def _cat(name: str, tensors: list[Tensor], x: Tensor, spatial: bool) -> Tensor:
     return torch.cat(tensors, dim=1)
 
 
-def apply_conditioned(model: Callable[..., Any], x: Tensor, t: Tensor, cond: Any, conditioning_key: str | None) -> Any:
+def apply_conditioned(
+    model: Callable[..., Any],
+    x: Tensor,
+    t: Tensor,
+    cond: Any,
+    conditioning_key: str | None,
+    *,
+    call_convention: str = "auto",
+) -> Any:
     """Call ``model`` with the condition routed as CompVis' ``DiffusionWrapper`` does (see the module docstring).
 
     Args:
@@ -131,16 +154,22 @@ def apply_conditioned(model: Callable[..., Any], x: Tensor, t: Tensor, cond: Any
         t: Timesteps, passed through unchanged.
         cond: The condition, in any form :func:`as_cond_dict` takes; ``None`` for ``conditioning_key=None``.
         conditioning_key: ``"concat"``, ``"crossattn"``, ``"hybrid"``, ``"adm"`` or ``None`` (unconditional).
+        call_convention: ``"compvis"`` (``context=``/``y=``), ``"diffusers"`` (``encoder_hidden_states=``/
+            ``class_labels=``, output ``.sample``) or ``"auto"``: read from ``model``'s signature
+            (:func:`~lightning_ldm.call_convention.resolve_call_convention`).
 
     Returns:
-        The model's output.
+        The model's output (under the diffusers convention, the prediction unwrapped from it).
 
     Raises:
-        ValueError: Unknown ``conditioning_key``; a condition the key does not use (including any condition for
-            ``None``) or a missing one; shapes that do not concatenate; more than one ``adm`` vector.
-        TypeError: ``cond`` has the wrong type.
+        ValueError: Unknown ``conditioning_key`` or ``call_convention``; a condition the key does not use (including
+            any condition for ``None``) or a missing one; shapes that do not concatenate; more than one ``adm``
+            vector; an ``adm`` vector for a diffusers UNet that has no class embedding.
+        TypeError: ``cond`` has the wrong type, or ``model`` does not take the keyword its convention routes the
+            condition to (the message names both conventions).
     """
     parts = as_cond_dict(cond, conditioning_key)
+    convention = resolve_call_convention(model, call_convention)
     uses = _USES[conditioning_key]
     extra = [k for k in parts if k not in uses]
     missing = [k for k in uses if k not in parts]
@@ -150,18 +179,16 @@ def apply_conditioned(model: Callable[..., Any], x: Tensor, t: Tensor, cond: Any
             + (f" (unused: {extra!r})" if extra else "")
             + (f" (missing: {missing!r})" if missing else "")
         )
-    if conditioning_key is None:
-        return model(x, t)
+    routed_by = f"conditioning_key={conditioning_key!r}"
     if conditioning_key == "adm":
         (y, *rest) = parts["c_crossattn"]
         if rest:
             raise ValueError(f"conditioning_key='adm' takes one class/vector condition, got {len(rest) + 1}")
-        return model(x, t, y=y)
+        return call_denoiser(model, x, t, convention, vector=y, routed_by=routed_by)
     if "c_concat" in parts:
         x = torch.cat([x, _cat("c_concat", parts["c_concat"], x, spatial=True)], dim=1)
-    if "c_crossattn" in parts:
-        return model(x, t, context=_cat("c_crossattn", parts["c_crossattn"], x, spatial=False))
-    return model(x, t)
+    context = _cat("c_crossattn", parts["c_crossattn"], x, spatial=False) if "c_crossattn" in parts else None
+    return call_denoiser(model, x, t, convention, context=context, routed_by=routed_by)
 
 
 def _null_list(key: str, null: NullCondition, length: int) -> list[Tensor | None]:

@@ -10,7 +10,8 @@ same per-rank, per-batch generator as ``t`` and the noise::
             self.register_schedule(beta_schedule="linear", linear_start=0.00085, linear_end=0.012)
             self.register_first_stage(vae, scale_by_std=True)
             self.register_conditioning("crossattn", dropout=0.1)
-            self.model = unet  # apply_model calls self.model(x, t, context=...)
+            self.model = unet  # apply_model calls self.model(x, t, context=...), or a diffusers UNet with
+                               # encoder_hidden_states=... (and returns its .sample)
 
         def training_step(self, batch, batch_idx):
             return self.diffusion_loss(batch["image"], batch["context"])
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_ldm._checks import check_choice, check_real
+from lightning_ldm.call_convention import CALL_CONVENTIONS, call_denoiser, resolve_call_convention
 from lightning_ldm.conditioning import (
     COND_DICT_KEYS,
     CONDITIONING_KEYS,
@@ -50,9 +52,9 @@ _KEY_USES = {"concat": ("c_concat",), "crossattn": ("c_crossattn",), "hybrid": C
 class LatentDiffusionMixin(DiffusionMixin):
     """Latent diffusion for a ``LightningModule``: ``class M(LatentDiffusionMixin, L.LightningModule)``.
 
-    Attributes: ``first_stage`` (set by :meth:`register_first_stage`), ``conditioning_key`` and the dropout settings
-    (set by :meth:`register_conditioning`), ``denoiser_name`` (the attribute :meth:`apply_model` calls, ``"model"``
-    as in CompVis).
+    Attributes: ``first_stage`` (set by :meth:`register_first_stage`), ``conditioning_key``, ``call_convention`` and
+    the dropout settings (set by :meth:`register_conditioning`), ``denoiser_name`` (the attribute
+    :meth:`apply_model` calls, ``"model"`` as in CompVis).
     """
 
     conditioning_key: str | None = None
@@ -104,8 +106,9 @@ class LatentDiffusionMixin(DiffusionMixin):
         *,
         dropout: float | Mapping[str, float] = 0.0,
         null: Mapping[str, Any] | None = None,
+        call_convention: str = "auto",
     ) -> None:
-        """Set CompVis' conditioning key and the condition dropout of classifier-free guidance training.
+        """Set CompVis' conditioning key, the denoiser's call convention and the condition dropout of guidance training.
 
         Args:
             conditioning_key: ``"concat"``, ``"crossattn"``, ``"hybrid"``, ``"adm"`` or ``None`` (unconditional).
@@ -113,14 +116,19 @@ class LatentDiffusionMixin(DiffusionMixin):
                 number for every key the conditioning uses, or a mapping ``{"c_concat": p, "c_crossattn": q}``.
             null: Null condition per key (``"c_concat"``/``"c_crossattn"``), e.g. the empty prompt's embedding;
                 zeros where none is given. Shapes: per sample, batch 1, or the batch's.
+            call_convention: How :meth:`apply_model` calls ``self.<denoiser_name>``: ``"compvis"`` (``context=``,
+                ``y=``), ``"diffusers"`` (``encoder_hidden_states=``, ``class_labels=``; the output's ``.sample``) or
+                ``"auto"``, read from the network's ``forward`` signature (see
+                :mod:`~lightning_ldm.call_convention`). Kept in the ``call_convention`` attribute.
 
         Raises:
-            ValueError: An unknown key, a probability outside [0, 1], or a dropout/null key the conditioning does not
-                use.
+            ValueError: An unknown key or call convention, a probability outside [0, 1], or a dropout/null key the
+                conditioning does not use.
             TypeError: A probability is not a real number.
         """
         if conditioning_key is not None:
             check_choice("conditioning_key", conditioning_key, CONDITIONING_KEYS)
+        check_choice("call_convention", call_convention, CALL_CONVENTIONS)
         uses = _KEY_USES.get(conditioning_key or "", ())
         probs = dict.fromkeys(uses, dropout) if not isinstance(dropout, Mapping) else dict(dropout)
         for name, given in (("dropout", probs), ("null", dict(null or {}))):
@@ -133,6 +141,7 @@ class LatentDiffusionMixin(DiffusionMixin):
         self._cond_dropout = {k: check_real(f"dropout[{k!r}]", p, minimum=0.0, maximum=1.0) for k, p in probs.items()}
         self._null_cond = dict(null or {})
         self.conditioning_key = conditioning_key
+        self.call_convention = call_convention
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """The parameters that require grad (the frozen first stage's are left out): what the optimizer should get."""
@@ -164,15 +173,20 @@ class LatentDiffusionMixin(DiffusionMixin):
         """CompVis' ``apply_model``: route ``cond`` into ``self.<denoiser_name>`` by ``conditioning_key``.
 
         ``cond`` is a tensor, a list of tensors, or CompVis' dict ``{"c_concat": [...], "c_crossattn": [...]}``
-        (see :func:`~lightning_ldm.conditioning.apply_conditioned`).
+        (see :func:`~lightning_ldm.conditioning.apply_conditioned`). A diffusers UNet (or a network with its call
+        convention) gets the conditions as ``encoder_hidden_states=``/``class_labels=`` and its ``.sample`` is returned
+        (``call_convention``, set by :meth:`register_conditioning`).
 
         Raises:
             ValueError: A condition the conditioning key does not use, or shapes that do not concatenate.
+            TypeError: The denoiser does not take the keyword the condition is routed to.
         """
         denoiser = getattr(self, self.denoiser_name or "model")
+        convention = resolve_call_convention(denoiser, self.call_convention)
         if self.conditioning_key is None and cond is None:
-            return denoiser(x_t, t)
-        return apply_conditioned(denoiser, x_t, t, as_cond_dict(cond, self.conditioning_key), self.conditioning_key)
+            return call_denoiser(denoiser, x_t, t, convention)
+        cond_dict = as_cond_dict(cond, self.conditioning_key)
+        return apply_conditioned(denoiser, x_t, t, cond_dict, self.conditioning_key, call_convention=convention)
 
     def drop_conditions(self, cond: Any) -> Any:
         """In training mode, replace conditions by the null condition per sample with the registered probabilities.

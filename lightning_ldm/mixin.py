@@ -47,6 +47,7 @@ from lightning_ldm._checks import (
     check_shape,
     check_timesteps,
 )
+from lightning_ldm.call_convention import accepts_keyword, call_denoiser, resolve_call_convention, unwrap_output
 from lightning_ldm.ddim import ddim_sample
 from lightning_ldm.guidance import eval_mode, guided_model
 from lightning_ldm.losses import LossType, _diffusion_loss, check_loss_options
@@ -76,6 +77,10 @@ class DiffusionMixin(_Base):
 
     * ``denoiser_name``: the attribute that holds the network (``None``, the default: the module itself, called as
       ``self(x_t, t, ...)``; :class:`~lightning_ldm.latent.LatentDiffusionMixin` uses ``"model"``, as CompVis);
+    * ``call_convention``: how :meth:`apply_model` calls that network: ``"auto"`` (the default: from its ``forward``
+      signature), ``"compvis"`` or ``"diffusers"`` (a diffusers UNet: a Tensor condition goes to
+      ``encoder_hidden_states=``, or ``class_labels=`` when the network takes no ``encoder_hidden_states``; the
+      output's ``.sample`` is returned; see :mod:`~lightning_ldm.call_convention`);
     * ``timestep_sampler``: ``None`` (uniform) or an object with ``sample(batch_size, num_timesteps, device,
       generator)`` (``DiffusionSeedCallback`` installs one);
     * ``diffusion_generator``: the ``torch.Generator`` that t, the noise and condition dropout are drawn from (the
@@ -88,6 +93,7 @@ class DiffusionMixin(_Base):
 
     noise_schedule: NoiseSchedule | None = None
     denoiser_name: str | None = None
+    call_convention: str = "auto"
     timestep_sampler: Any = None
     diffusion_generator: torch.Generator | None = None
     last_timestep_losses: tuple[Tensor, Tensor] | None = None
@@ -227,14 +233,30 @@ class DiffusionMixin(_Base):
 
         The network is ``self`` or ``getattr(self, denoiser_name)``; ``cond`` is left out when ``None``, spread as
         keyword arguments when a mapping (``{"context": emb}`` → ``net(x_t, t, context=emb)``), else passed as
-        ``cond=``. :class:`~lightning_ldm.latent.LatentDiffusionMixin` routes ``cond`` by CompVis' conditioning keys.
+        ``cond=``. A network with diffusers' call convention (``call_convention``: a ``UNet2DModel`` or
+        ``UNet2DConditionModel``) gets a Tensor ``cond`` as ``encoder_hidden_states=`` (``class_labels=`` when it
+        takes no ``encoder_hidden_states``), a mapping spread as its keyword arguments (``{"encoder_hidden_states": e,
+        "added_cond_kwargs": {...}}``), and its output's ``.sample`` is returned.
+        :class:`~lightning_ldm.latent.LatentDiffusionMixin` routes ``cond`` by CompVis' conditioning keys.
+
+        Raises:
+            ValueError: ``call_convention`` is not ``"auto"``, ``"compvis"`` or ``"diffusers"``.
+            TypeError: A diffusers-convention network that takes neither ``encoder_hidden_states`` nor
+                ``class_labels`` got a Tensor condition.
         """
         net = self if self.denoiser_name is None else getattr(self, self.denoiser_name)
+        if resolve_call_convention(net, self.call_convention) == "compvis":
+            if cond is None:
+                return net(x_t, t)
+            if isinstance(cond, Mapping):
+                return net(x_t, t, **cond)
+            return net(x_t, t, cond=cond)
         if cond is None:
-            return net(x_t, t)
+            return unwrap_output(net, net(x_t, t))
         if isinstance(cond, Mapping):
-            return net(x_t, t, **cond)
-        return net(x_t, t, cond=cond)
+            return unwrap_output(net, net(x_t, t, **cond))
+        role = "context" if accepts_keyword(net, "encoder_hidden_states") else "vector"
+        return call_denoiser(net, x_t, t, "diffusers", **{role: cond}, routed_by="a Tensor cond")
 
     # ------------------------------------------------------------------------------------------------ loss
     def diffusion_loss(

@@ -231,6 +231,7 @@ def test_the_mixins_add_few_public_names_to_a_lightning_module() -> None:
     plain, latent = added_public_names(DiffusionMixin), added_public_names(LatentDiffusionMixin)
     assert plain == [
         "apply_model",
+        "call_convention",
         "check_schedule_on_load",
         "denoiser_name",
         "diffusion_generator",
