@@ -73,7 +73,8 @@ def from_compvis_state_dict(
 
     ``model.diffusion_model.*`` goes to the denoiser, ``first_stage_model.*`` to ``first_stage.autoencoder.*``,
     ``scale_factor`` to ``first_stage.scale_factor`` (with ``scale_by_std`` it is restored as a fitted factor, not
-    refitted; a fixed factor must equal it). ``cond_stage_model.*`` and the schedule tables keep their keys: loading
+    refitted; a fixed factor must equal it; without the key, as CompVis saves it without ``scale_by_std``, the first
+    stage keeps its factor and its fitted state). ``cond_stage_model.*`` and the schedule tables keep their keys: loading
     compares each table with the registered schedule (a differing one is a load error) and the condition encoder's
     weights load into ``cond_stage_model``. Other keys are left as they are (``load_state_dict`` reports them).
 
@@ -93,7 +94,7 @@ def from_compvis_state_dict(
             one of the denoiser's trainable parameters.
     """
     use_ema = check_bool("use_ema", use_ema)
-    denoiser, prefix, _ = _parts(module)
+    denoiser, prefix, stage = _parts(module)
     out: dict[str, Any] = {}
     for key, value in state_dict.items():
         if key.startswith(_EMA):
@@ -106,6 +107,8 @@ def from_compvis_state_dict(
             out["first_stage.scale_factor"] = value
         else:
             out[key] = value
+    if "scale_factor" not in state_dict:  # CompVis without scale_by_std: the factor is in its config, not here
+        stage.store_scale(out, "first_stage.")
     if use_ema:
         trainable = [name for name, p in denoiser.named_parameters() if p.requires_grad]
         missing = [_shadow_name(n) for n in trainable if _shadow_name(n) not in state_dict]
