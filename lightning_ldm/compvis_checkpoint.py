@@ -66,17 +66,16 @@ def _shadow_name(parameter_name: str) -> str:
     return _EMA + ("diffusion_model." + parameter_name).replace(".", "")
 
 
-def from_compvis_state_dict(
-    module: Any, state_dict: Mapping[str, Any], *, use_ema: bool = False
-) -> dict[str, Any]:
+def from_compvis_state_dict(module: Any, state_dict: Mapping[str, Any], *, use_ema: bool = False) -> dict[str, Any]:
     """Rename a CompVis ``LatentDiffusion`` state dict to ``module``'s keys; load it with ``module.load_state_dict``.
 
     ``model.diffusion_model.*`` goes to the denoiser, ``first_stage_model.*`` to ``first_stage.autoencoder.*``,
     ``scale_factor`` to ``first_stage.scale_factor`` (with ``scale_by_std`` it is restored as a fitted factor, not
     refitted; a fixed factor must equal it; without the key, as CompVis saves it without ``scale_by_std``, the first
-    stage keeps its factor and its fitted state). ``cond_stage_model.*`` and the schedule tables keep their keys: loading
-    compares each table with the registered schedule (a differing one is a load error) and the condition encoder's
-    weights load into ``cond_stage_model``. Other keys are left as they are (``load_state_dict`` reports them).
+    stage keeps its factor and its fitted state). ``cond_stage_model.*`` and the schedule tables keep their keys:
+    loading compares each table with the registered schedule (a differing one is a load error) and the condition
+    encoder's weights load into ``cond_stage_model``. Other keys are left as they are (``load_state_dict``
+    reports them).
 
     Args:
         module: A ``CompVisCompat`` + ``LatentDiffusionMixin`` module with a first stage and a denoiser.
@@ -121,9 +120,7 @@ def from_compvis_state_dict(
     return out
 
 
-def to_compvis_state_dict(
-    module: Any, *, use_ema: bool = False, scale_by_std: bool | None = None
-) -> dict[str, Tensor]:
+def to_compvis_state_dict(module: Any, *, use_ema: bool = False, scale_by_std: bool | None = None) -> dict[str, Tensor]:
     """``module``'s weights as the state dict of CompVis' ``LatentDiffusion`` (loads there with ``strict=True``).
 
     The denoiser goes to ``model.diffusion_model.*``, the autoencoder to ``first_stage_model.*`` (kept even when the
