@@ -157,7 +157,12 @@ class LatentDiffusionMixin(DiffusionMixin):
 
         The posterior is sampled with ``diffusion_generator`` (the per-rank, per-batch generator), so resumed runs
         draw the same latents. The scale is fitted once, on every DDP rank, from the latents pooled over ranks.
+        (With :class:`~lightning_ldm.compat.CompVisCompat` mixed in, ``encode_first_stage`` is CompVis' and returns the
+        posterior; :meth:`diffusion_loss` encodes here either way.)
         """
+        return self._encode_latents(x)
+
+    def _encode_latents(self, x: Tensor) -> Tensor:
         stage = self._require_first_stage()
         if self.training and stage.needs_scale_fit:
             raw = stage.encode(x, generator=self.diffusion_generator, scaled=False)
@@ -219,7 +224,7 @@ class LatentDiffusionMixin(DiffusionMixin):
         Returns:
             Scalar float32 loss.
         """
-        z = self.encode_first_stage(x_start) if encode else x_start
+        z = self._encode_latents(x_start) if encode else x_start
         return super().diffusion_loss(z, self.drop_conditions(cond), **loss_options)
 
     @torch.no_grad()
