@@ -475,8 +475,8 @@ class DiffusionMixin(_Base):
         * a Tensor: the starting noise ``x_T`` (its shape is the samples' shape);
         * a pair ``(x_T, cond)`` (or ``(x_T,)``), as a ``DataLoader`` over a ``TensorDataset(noise, labels)`` yields;
         * a mapping of :meth:`sample`'s keyword arguments, with ``"shape"`` or ``"x_T"`` (``"cond"``, ``"uncond"``,
-          ``"num_steps"``, ``"sampler"``, ``"guidance_scale"``, ``"generator"``, ...; e.g. a list of such dicts
-          passed as the dataloader).
+          ``"num_steps"``, ``"sampler"``, ``"guidance_scale"``, ``"generator"``, ...), e.g. from
+          ``DataLoader([{"shape": (16, 4, 32, 32), "num_steps": 100}], batch_size=None)`` (no collation).
 
         Returns:
             What :meth:`sample` returns for these arguments (for a latent module: the decoded images).

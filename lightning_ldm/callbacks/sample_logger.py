@@ -84,11 +84,22 @@ def _all_ints(value: Any) -> bool:
     return all(_all_ints(v) for v in value) if isinstance(value, (list, tuple)) else isinstance(value, int)
 
 
+def _is_string_form(value: Any) -> bool:
+    return isinstance(value, str) and any(
+        value.startswith(p) and len(value) > len(p) for p in (BATCH_PREFIX, CALL_PREFIX)
+    )
+
+
 def _check_cond(name: str, value: Any) -> Conditioning | str:
-    if isinstance(value, str):
-        prefix = next((p for p in (BATCH_PREFIX, CALL_PREFIX) if value.startswith(p) and len(value) > len(p)), None)
-        if prefix is not None:
-            return value
+    if _is_string_form(value):
+        return value
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if isinstance(item, str) and not _is_string_form(item):
+                raise TypeError(
+                    f"{name}[{key!r}] is the string {item!r}; a string condition is "
+                    f"'{BATCH_PREFIX}<key>' or '{CALL_PREFIX}<package.module.function>'"
+                )
     if value is not None and not isinstance(value, (Tensor, Mapping, list, tuple)):
         raise TypeError(
             f"{name} must be a Tensor, a list of Tensors, a mapping (keyword arguments, or CompVis' dict of lists), a "
@@ -96,6 +107,19 @@ def _check_cond(name: str, value: Any) -> Conditioning | str:
             f"{type(value).__name__} {describe(value)}"
         )
     return _as_tensors(name, value)
+
+
+def _pending(value: Any, prefix: str) -> str | None:
+    """The first string condition starting with ``prefix`` in ``value`` (itself or a mapping value), else ``None``."""
+    values = value.values() if isinstance(value, Mapping) else (value,)
+    return next((v for v in values if isinstance(v, str) and v.startswith(prefix)), None)
+
+
+def _replaced(value: Any, prefix: str, resolve: Any) -> Any:
+    """``value`` with the string conditions starting with ``prefix`` (itself or mapping values) resolved."""
+    if isinstance(value, Mapping):
+        return {k: _replaced(v, prefix, resolve) for k, v in value.items()}
+    return resolve(value) if isinstance(value, str) and value.startswith(prefix) else value
 
 
 def _from_batch(name: str, spec: str, batch: Any, rows: int) -> Any:
@@ -245,8 +269,8 @@ class SampleLogger(Callback):
         every_n_steps: int | None = None,
         at_validation_end: bool = True,
         *,
-        cond: Conditioning = None,
-        uncond: Conditioning = None,
+        cond: Conditioning | str = None,
+        uncond: Conditioning | str = None,
         sample_kwargs: Mapping[str, Any] | None = None,
         seed: int = 0,
         value_range: Sequence[float] = (-1.0, 1.0),
@@ -314,10 +338,7 @@ class SampleLogger(Callback):
         if stage == "fit":
             self._last_step, self._warned_nan = None, False
             needs_pillow(trainer, clips=len(self.shape) == 5, who="SampleLogger")
-            for name in ("cond", "uncond"):
-                given = getattr(self, name)
-                if isinstance(given, str) and given.startswith(BATCH_PREFIX):
-                    self._conditions[name] = given  # taken from the first batch of this fit
+            self._conditions = {"cond": self.cond, "uncond": self.uncond}  # "batch:" from this fit's first batch
         self._resolve_calls(pl_module)
         callbacks = callbacks_of(trainer)
         if self.every_n_steps is not None and self in callbacks:
@@ -354,31 +375,37 @@ class SampleLogger(Callback):
 
     def _take_batch(self, batch: Any) -> None:
         for name, value in self._conditions.items():
-            if isinstance(value, str) and value.startswith(BATCH_PREFIX):
-                self._conditions[name] = _from_batch(name, value, batch, self.shape[0])
+            if _pending(value, BATCH_PREFIX):
+                self._conditions[name] = _replaced(
+                    value, BATCH_PREFIX, lambda spec, name=name: _from_batch(name, spec, batch, self.shape[0])
+                )
 
     def _resolve_calls(self, pl_module: pl.LightningModule) -> None:
-        """Call the ``"call:<path>"`` conditions' functions (once) with the number of samples."""
-        for name, value in self._conditions.items():
-            if not (isinstance(value, str) and value.startswith(CALL_PREFIX)):
-                continue
-            prefixes = self.allowed_prefixes
-            if prefixes is None:
-                prefixes = [type(pl_module).__module__.partition(".")[0], "lightning_ldm"]
-            function = get_obj_from_str(value[len(CALL_PREFIX) :], allowed_prefixes=prefixes)
+        """Call the ``"call:<path>"`` conditions' functions (once per setup) with the number of samples."""
+        prefixes = self.allowed_prefixes
+        if prefixes is None:
+            prefixes = [type(pl_module).__module__.partition(".")[0], "lightning_ldm"]
+
+        def call(spec: str) -> Any:
+            function = get_obj_from_str(spec[len(CALL_PREFIX) :], allowed_prefixes=prefixes)
             if not callable(function):
-                raise TypeError(f"SampleLogger({name}={value!r}) names a {type(function).__name__}, not a function")
+                raise TypeError(f"SampleLogger's condition {spec!r} names a {type(function).__name__}, not a function")
             made = function(self.shape[0])
             if isinstance(made, str):
-                raise TypeError(f"SampleLogger({name}={value!r}) returned a string; expected a condition")
-            self._conditions[name] = _check_cond(f"the condition {value!r} returned", made)
+                raise TypeError(f"SampleLogger's condition {spec!r} returned the string {made!r}; expected a condition")
+            return _check_cond(f"the condition {spec!r} returned", made)
+
+        for name, value in self._conditions.items():
+            if _pending(value, CALL_PREFIX):
+                self._conditions[name] = _replaced(value, CALL_PREFIX, call)
 
     def _condition(self, name: str) -> Any:
         value = self._conditions[name]
-        if isinstance(value, str):
-            when = "the first batch of the fit" if value.startswith(BATCH_PREFIX) else "setup"
+        spec = _pending(value, BATCH_PREFIX) or _pending(value, CALL_PREFIX)
+        if spec:
+            when = "the first batch of the fit" if spec.startswith(BATCH_PREFIX) else "setup"
             raise RuntimeError(
-                f"SampleLogger({name}={value!r}) is resolved at {when}, which has not come yet; sample inside a fit"
+                f"SampleLogger({name}: {spec!r}) is resolved at {when}, which has not come yet; sample inside a fit"
             )
         return value
 
