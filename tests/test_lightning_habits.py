@@ -162,6 +162,17 @@ def test_condition_form_errors(cond: Any, error: type[Exception], match: str) ->
         SampleLogger(SHAPE, cond=cond)
 
 
+def test_sample_quality_monitor_takes_lists_but_not_the_string_forms() -> None:
+    from lightning_ldm.callbacks import SampleQualityMonitor
+
+    monitor = SampleQualityMonitor(SHAPE, reference=torch.zeros(SHAPE), every_n_steps=1, cond={"label": LABELS})
+    assert torch.equal(monitor.cond["label"], torch.tensor(LABELS))
+    with pytest.raises(
+        ValueError, match=r"SampleQualityMonitor\(cond: 'batch:1'\): the 'batch:' and 'call:' forms are "
+    ):
+        SampleQualityMonitor(SHAPE, reference=torch.zeros(SHAPE), every_n_steps=1, cond="batch:1")
+
+
 def test_call_conditions_go_through_the_allow_list() -> None:
     model = LabelDenoiser()
     logger = SampleLogger(SHAPE, every_n_steps=1, cond="call:os.getcwd")
