@@ -376,6 +376,8 @@ class FirstStage(nn.Module):
 
     def _run(self, name: str, unwrap: str, x: Tensor) -> list[Any]:
         """Call ``autoencoder.<name>`` per micro-batch without gradients and unwrap each output (``x`` is checked)."""
+        if self.autoencoder.training:  # frozen: eval mode whatever set the flag (see LatentDiffusionMixin.on_fit_start)
+            nn.Module.train(self.autoencoder, False)  # not its own train(): CompVis disables that
         method: Callable[[Tensor], Any] = getattr(self.autoencoder, name)
         chunks = self._chunks(x)
         with contextlib.ExitStack() as stack:

@@ -83,6 +83,29 @@ class LatentDiffusionMixin(DiffusionMixin):
         return stage
 
     @override
+    def on_fit_start(self) -> None:
+        """Let Lightning's fit-start check see the frozen first stages in training mode; ``super()`` first.
+
+        Lightning warns "Found N module(s) in eval mode at the start of training" between ``on_fit_start`` and
+        ``on_train_start``, and a frozen first stage is in eval mode on purpose. Its autoencoder's flags are raised
+        here and lowered again in :meth:`on_train_start`; it computes in eval mode regardless
+        (:class:`FirstStage` puts it back before every encode and decode).
+        """
+        super().on_fit_start()
+        for module in self.modules():
+            if isinstance(module, FirstStage):
+                for sub in module.autoencoder.modules():  # flags only: CompVis disables a frozen stage's train()
+                    sub.training = True
+
+    @override
+    def on_train_start(self) -> None:
+        """Put every frozen first stage back in eval mode (see :meth:`on_fit_start`), then call ``super()``."""
+        for module in self.modules():
+            if isinstance(module, FirstStage):
+                nn.Module.train(module.autoencoder, False)  # not its own train(): CompVis disables that
+        super().on_train_start()
+
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Write every first stage's factor in use over the checkpoint's state dict, then call ``super()``.
 

@@ -38,7 +38,8 @@ def _pil() -> Any:
     try:
         from PIL import Image
     except ImportError as err:  # pragma: no cover - pillow is installed wherever the tests run
-        raise ImportError("writing PNG or GIF files needs Pillow: pip install pillow") from err
+        message = 'writing PNG or GIF files needs Pillow: pip install "lightning_ldm[logging]"'
+        raise ModuleNotFoundError(message, name="PIL") from err
     return Image
 
 

@@ -28,7 +28,8 @@ tables, ``q_sample``, ``num_timesteps``, ...) are opt-in: :class:`~lightning_ldm
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+import inspect
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -38,6 +39,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_ldm._checks import (
+    check_bool,
     check_floating,
     check_real,
     check_same_shape,
@@ -48,7 +50,7 @@ from lightning_ldm._checks import (
     check_timesteps,
 )
 from lightning_ldm.call_convention import accepts_keyword, call_denoiser, resolve_call_convention, unwrap_output
-from lightning_ldm.ddim import ddim_sample
+from lightning_ldm.ddim import ddim_sample, make_ddim_timesteps
 from lightning_ldm.guidance import eval_mode, guided_model
 from lightning_ldm.losses import LossType, _diffusion_loss, check_loss_options
 from lightning_ldm.noise_schedule import NoiseSchedule
@@ -387,6 +389,7 @@ class DiffusionMixin(_Base):
         x_T: Tensor | None = None,  # noqa: N803 (the DDIM papers' and the core's name)
         clip_x0: float | None = None,
         return_intermediates: bool = False,
+        progress: bool = False,
     ) -> Tensor | tuple[Tensor, dict[str, list[Tensor]]]:
         r"""Draw samples through :meth:`apply_model`, with classifier-free guidance.
 
@@ -410,6 +413,8 @@ class DiffusionMixin(_Base):
             x_T: Starting noise of shape ``shape`` (drawn when ``None``).
             clip_x0: Clamp the predicted x0 to ``[-clip_x0, clip_x0]`` (DDIM only).
             return_intermediates: Also return ``{"x_inter": [...], "pred_x0": [...]}`` (DDIM only).
+            progress: Show a tqdm progress bar of the sampling steps (on global rank zero only; off by default and
+                in the package's callbacks). Off, the loop is the same as without the option.
 
         Returns:
             Samples (in ``x_T``'s dtype), or ``(samples, intermediates)``.
@@ -421,6 +426,7 @@ class DiffusionMixin(_Base):
                 than the sampler supports, or an argument rejected by the sampler.
         """
         shape = check_shape("shape", shape)
+        progress = check_bool("progress", progress)
         if x_T is not None and tuple(x_T.shape) != shape:
             raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected shape {shape}")
         schedule = self._require_schedule()
@@ -440,7 +446,11 @@ class DiffusionMixin(_Base):
             uncond=None if uncond is None else {"cond": uncond},
         )
         device = self._schedule_device
-        with eval_mode(self), self._precision_context():
+        with contextlib.ExitStack() as stack:
+            if progress and getattr(self, "global_rank", 0) == 0:
+                model_fn = stack.enter_context(_progress_bar(model_fn, sampler, method, num_steps, schedule))
+            stack.enter_context(eval_mode(self))
+            stack.enter_context(self._precision_context())
             if x_T is None:
                 draw_device = generator.device if generator is not None else device
                 x_T = torch.randn(shape, device=draw_device, dtype=torch.float32, generator=generator)
@@ -466,9 +476,38 @@ class DiffusionMixin(_Base):
     # -------------------------------------------------------------------------------------------- Lightning hooks
     @override
     def on_fit_start(self) -> None:
-        """Clear ``last_timestep_losses`` (a second fit starts without the first one's record), then ``super()``."""
+        """Clear ``last_timestep_losses`` (a second fit starts without the first one's record), then ``super()``.
+
+        Also warns when a weight-averaging callback (``EMAWeightAveraging``) will not update before
+        ``trainer.max_steps``: at the end of the fit Lightning copies its average, still the initial weights, into
+        the module.
+        """
         self.last_timestep_losses = None
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None:
+            _warn_if_averaging_never_updates(trainer, type(self).__name__)
         super().on_fit_start()
+
+    @override
+    def predict_step(self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0) -> Any:
+        """Sample for ``trainer.predict(model, dataloaders)``: each batch says what to sample.
+
+        A predict batch is one of
+
+        * a Tensor: the starting noise ``x_T`` (its shape is the samples' shape);
+        * a pair ``(x_T, cond)`` (or ``(x_T,)``), as a ``DataLoader`` over a ``TensorDataset(noise, labels)`` yields;
+        * a mapping of :meth:`sample`'s keyword arguments, with ``"shape"`` or ``"x_T"`` (``"cond"``, ``"uncond"``,
+          ``"num_steps"``, ``"sampler"``, ``"guidance_scale"``, ``"generator"``, ...), e.g. from
+          ``DataLoader([{"shape": (16, 4, 32, 32), "num_steps": 100}], batch_size=None)`` (no collation).
+
+        Returns:
+            What :meth:`sample` returns for these arguments (for a latent module: the decoded images).
+
+        Raises:
+            TypeError: The batch is none of these.
+            ValueError: A mapping has keys that :meth:`sample` does not take, or neither ``"shape"`` nor ``"x_T"``.
+        """
+        return self.sample(**_predict_arguments(batch, type(self).sample))
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -511,3 +550,101 @@ class DiffusionMixin(_Base):
                 f"({lines}). Register the checkpoint's schedule, or set `check_schedule_on_load = False` on the "
                 "model to load it anyway."
             )
+
+
+@contextlib.contextmanager
+def _progress_bar(
+    model_fn: Callable[..., Tensor], sampler: Any, method: str, num_steps: int, schedule: NoiseSchedule
+) -> Iterator[Callable[..., Tensor]]:
+    """``model_fn`` wrapped to advance a tqdm bar by one step per call (the samplers call it once per step).
+
+    The total is the number of DDIM steps, or the length of the scheduler's ``timesteps`` once its loop has set them.
+    Wrapping the model function keeps the samplers' loops untouched: with ``progress=False`` nothing is wrapped.
+    """
+    from tqdm.auto import tqdm
+
+    total: int | None = None
+    if isinstance(sampler, str):
+        with contextlib.suppress(ValueError, TypeError):  # bad options: ddim_sample raises the named error itself
+            total = len(make_ddim_timesteps(method, num_steps, schedule.num_timesteps, verbose=False))
+    bar = tqdm(total=total, desc="Sampling", unit="step", leave=False, dynamic_ncols=True)
+
+    def stepped(*args: Any, **kwargs: Any) -> Tensor:
+        if bar.total is None and not isinstance(sampler, str):
+            bar.total = len(getattr(sampler, "timesteps", ())) or None
+            bar.refresh()
+        out = model_fn(*args, **kwargs)
+        bar.update(1)
+        return out
+
+    try:
+        yield stepped
+    finally:
+        bar.close()
+
+
+def _predict_arguments(batch: Any, sample: Callable[..., Any]) -> dict[str, Any]:
+    """The keyword arguments of ``sample`` that a predict batch stands for (see ``DiffusionMixin.predict_step``)."""
+    if isinstance(batch, Tensor):
+        return {"shape": tuple(batch.shape), "x_T": batch}
+    if isinstance(batch, (list, tuple)) and len(batch) in (1, 2) and isinstance(batch[0], Tensor):
+        cond = batch[1] if len(batch) == 2 else None
+        return {"shape": tuple(batch[0].shape), "x_T": batch[0], "cond": cond}
+    if not isinstance(batch, Mapping):
+        raise TypeError(
+            f"a predict batch must be a Tensor (the starting noise x_T), a pair (x_T, cond) or a mapping of sample() "
+            f"keyword arguments, got {type(batch).__name__}"
+        )
+    params = inspect.signature(sample).parameters
+    known = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD}
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):  # a subclass forwarding **options to the mixin's
+        known |= set(inspect.signature(DiffusionMixin.sample).parameters)
+    known.discard("self")
+    unknown = sorted(str(k) for k in batch if k not in known)
+    if unknown:
+        raise ValueError(
+            f"the predict batch has key(s) {unknown} that sample() does not take; expected some of {sorted(known)}"
+        )
+    arguments = dict(batch)
+    if "shape" not in arguments:
+        x_T = arguments.get("x_T")
+        if not isinstance(x_T, Tensor):
+            raise ValueError(f"the predict batch needs 'shape' or a Tensor 'x_T', got keys {sorted(map(str, batch))}")
+        arguments["shape"] = tuple(x_T.shape)
+    return arguments
+
+
+def _warn_if_averaging_never_updates(trainer: Any, module: str) -> None:
+    """Warn for each ``EMAWeightAveraging``-like callback whose first step update comes at or after ``max_steps``.
+
+    Lightning's ``EMAWeightAveraging.should_update(step_idx)`` updates after optimizer step ``step_idx`` (0-based)
+    when ``step_idx >= update_starting_at_step`` and ``step_idx % update_every_n_steps == 0``; a fit of ``max_steps``
+    steps sees ``step_idx`` in ``[0, max_steps)``. Callbacks that may update per epoch, or lack these attributes,
+    and fits without ``max_steps`` are left alone.
+    """
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    max_steps = getattr(trainer, "max_steps", -1)
+    if not isinstance(max_steps, int) or max_steps < 0:
+        return
+    for callback in getattr(trainer, "callbacks", []):
+        every = getattr(callback, "update_every_n_steps", None)
+        start = getattr(callback, "update_starting_at_step", None)
+        if (
+            not isinstance(callback, WeightAveraging)
+            or not isinstance(every, int)
+            or getattr(callback, "update_starting_at_epoch", None) is not None
+        ):
+            continue
+        start = start if isinstance(start, int) and start > 0 else 0
+        first = None if every <= 0 else -(-start // every) * every  # the first multiple of `every` at or after start
+        if first is not None and first < max_steps:
+            continue
+        when = "never updates by step" if first is None else f"first updates after optimizer step {first + 1}"
+        rank_zero_warn(
+            f"{type(callback).__name__}(update_starting_at_step={callback.update_starting_at_step}, "  # type: ignore[attr-defined]
+            f"update_every_n_steps={every}) {when}, but the fit ends at max_steps={max_steps}: at the end of the fit "
+            f"Lightning copies its never-updated average (the initial weights) into {module}. Lower "
+            "update_starting_at_step, or raise max_steps.",
+            category=UserWarning,
+        )

@@ -36,6 +36,7 @@ from lightning_ldm._checks import (
     check_shape,
     check_str,
     check_value_range,
+    describe,
 )
 from lightning_ldm.callbacks._diffusion import diffusion_module
 from lightning_ldm.callbacks._sampling import (
@@ -45,7 +46,8 @@ from lightning_ldm.callbacks._sampling import (
     sample_options,
     sampling_weights,
 )
-from lightning_ldm.callbacks.sample_writers import write_image, write_video
+from lightning_ldm.callbacks.sample_writers import needs_pillow, write_image, write_video
+from lightning_ldm.instantiation import get_obj_from_str
 from lightning_ldm.latent import LatentDiffusionMixin
 from lightning_ldm.media import image_grid, to_uint8, video_grid
 from lightning_ldm.mixin import DiffusionMixin
@@ -59,13 +61,102 @@ Conditioning = Tensor | Mapping[str, Any] | list[Any] | tuple[Any, ...] | None
 _PICTURE_CHANNELS = (1, 3)
 
 
-def _check_cond(name: str, value: Any) -> Conditioning:
+#: String conditions: taken from a key of the first batch of the fit, or made by a function named by its dotted path.
+BATCH_PREFIX, CALL_PREFIX = "batch:", "call:"
+
+
+def _is_numbers(value: Any) -> bool:
+    """``value`` is a number, or a non-empty (nested) list/tuple of numbers only (what YAML gives for a tensor)."""
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(_is_numbers(v) for v in value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _as_tensors(name: str, value: Any) -> Any:
+    """``value`` with every list of numbers in it (at the top or as a mapping value) made a tensor.
+
+    Integers give an int64 tensor (class labels), any float a float32 one; lists holding tensors are left alone.
+    """
+    if isinstance(value, Mapping):
+        return {k: _as_tensors(f"{name}[{k!r}]", v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and _is_numbers(value):
+        try:
+            return torch.tensor(value, dtype=None if _all_ints(value) else torch.float32)
+        except (ValueError, TypeError) as err:
+            raise ValueError(
+                f"{name}={describe(value)} is a ragged list of numbers; expected a rectangular one"
+            ) from err
+    return value
+
+
+def _all_ints(value: Any) -> bool:
+    return all(_all_ints(v) for v in value) if isinstance(value, (list, tuple)) else isinstance(value, int)
+
+
+def _is_string_form(value: Any) -> bool:
+    return isinstance(value, str) and any(
+        value.startswith(p) and len(value) > len(p) for p in (BATCH_PREFIX, CALL_PREFIX)
+    )
+
+
+def _check_cond(name: str, value: Any) -> Conditioning | str:
+    if _is_string_form(value):
+        return value
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if isinstance(item, str) and not _is_string_form(item):
+                raise TypeError(
+                    f"{name}[{key!r}] is the string {item!r}; a string condition is "
+                    f"'{BATCH_PREFIX}<key>' or '{CALL_PREFIX}<package.module.function>'"
+                )
     if value is not None and not isinstance(value, (Tensor, Mapping, list, tuple)):
         raise TypeError(
-            f"{name} must be a Tensor, a list of Tensors, a mapping (keyword arguments, or CompVis' dict of lists) or "
-            f"None, got {type(value).__name__}"
+            f"{name} must be a Tensor, a list of Tensors, a mapping (keyword arguments, or CompVis' dict of lists), a "
+            f"(nested) list of numbers, '{BATCH_PREFIX}<key>', '{CALL_PREFIX}<package.module.function>' or None, got "
+            f"{type(value).__name__} {describe(value)}"
         )
-    return value
+    return _as_tensors(name, value)
+
+
+def _pending(value: Any, prefix: str) -> str | None:
+    """The first string condition starting with ``prefix`` in ``value`` (itself or a mapping value), else ``None``."""
+    values = value.values() if isinstance(value, Mapping) else (value,)
+    return next((v for v in values if isinstance(v, str) and v.startswith(prefix)), None)
+
+
+def _replaced(value: Any, prefix: str, resolve: Any) -> Any:
+    """``value`` with the string conditions starting with ``prefix`` (itself or mapping values) resolved."""
+    if isinstance(value, Mapping):
+        return {k: _replaced(v, prefix, resolve) for k, v in value.items()}
+    return resolve(value) if isinstance(value, str) and value.startswith(prefix) else value
+
+
+def _from_batch(name: str, spec: str, batch: Any, rows: int) -> Any:
+    """The first ``rows`` rows of ``batch[key]`` for ``spec = "batch:<key>"`` (an index for a tuple/list batch).
+
+    Raises:
+        ValueError: The batch has no such key, or the value has fewer than ``rows`` rows.
+    """
+    key = spec[len(BATCH_PREFIX) :]
+    if isinstance(batch, Mapping) and key in batch:
+        value = batch[key]
+    elif isinstance(batch, (list, tuple)) and key.isdigit() and int(key) < len(batch):
+        value = batch[int(key)]
+    else:
+        keys = (
+            list(batch)
+            if isinstance(batch, Mapping)
+            else f"indices 0..{len(batch) - 1}"
+            if isinstance(batch, (list, tuple))
+            else f"none (a {type(batch).__name__})"
+        )
+        raise ValueError(f"SampleLogger({name}={spec!r}): the first batch has no key {key!r}; its keys: {keys}")
+    if not isinstance(value, Tensor) or value.ndim < 1 or value.shape[0] < rows:
+        raise ValueError(
+            f"SampleLogger({name}={spec!r}) needs a tensor with at least {rows} rows (the samples' batch) under "
+            f"{key!r} of the first batch, got {describe(value)}"
+        )
+    return value[:rows].detach().clone()
 
 
 def _to_device(value: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
@@ -146,9 +237,10 @@ class SampleLogger(Callback):
         shape: Shape of the starting noise, batch first, e.g. ``(16, 4, 32, 32)`` for latents.
         every_n_steps: Log after every this many optimizer steps (``None``: not on a step schedule).
         at_validation_end: Log at the end of every validation pass (not the sanity check).
-        cond: The condition passed to ``sample`` (any form the module's ``apply_model`` takes; moved to the module's
-            device, floating tensors to its dtype).
-        uncond: The unconditional condition for guidance.
+        cond: The condition passed to ``sample``: any form the module's ``apply_model`` takes (moved to the module's
+            device, floating tensors to its dtype), or a form a YAML config can write (see "Conditions from a
+            config" below).
+        uncond: The unconditional condition for guidance, in the same forms.
         sample_kwargs: Options of :meth:`~lightning_ldm.mixin.DiffusionMixin.sample`: ``sampler`` (``"ddim"``, the
             default, or a diffusers-style scheduler, compared with the module's schedule and ``num_steps`` at fit
             start), ``num_steps`` (50), ``method`` (``"uniform"``), ``eta`` (0), ``guidance_scale`` (1; ≠ 1 needs
@@ -160,6 +252,19 @@ class SampleLogger(Callback):
         frame_dim: For 5-D samples, the axis of the frames: 2 for ``(B, C, T, H, W)``, 1 for ``(B, T, C, H, W)``.
         max_frames: Log at most this many leading frames of a clip (``None``: all).
         fps: Frames per second of the animations.
+        allowed_prefixes: The modules a ``"call:..."`` condition may name (see
+            :func:`~lightning_ldm.instantiation.get_obj_from_str`); ``None``: the top-level package of the
+            LightningModule's class and ``lightning_ldm``.
+
+    Conditions from a config (LightningCLI), besides tensors:
+
+    * a list of integers: class labels, an int64 tensor (``cond: [0, 1, 2, 3]``); a nested list of numbers: a
+      float32 tensor (``[[0.5, 1.0], ...]``); a mapping of those: keyword conditions (``{"y": [0, 1, 2, 3]}``);
+    * ``"batch:<key>"``: the first ``shape[0]`` rows of ``batch[key]`` of the first batch of each fit (the sanity
+      check's first validation batch when there is one, else the first training batch); for a tuple batch the key
+      is an index (``"batch:1"`` for the labels of ``(images, labels)``);
+    * ``"call:<package.module.function>"``: ``function(shape[0])``'s return value, called once at ``setup``; the
+      path is resolved through the allow-list ``allowed_prefixes``.
 
     Raises:
         TypeError: An argument has the wrong type.
@@ -173,8 +278,8 @@ class SampleLogger(Callback):
         every_n_steps: int | None = None,
         at_validation_end: bool = True,
         *,
-        cond: Conditioning = None,
-        uncond: Conditioning = None,
+        cond: Conditioning | str = None,
+        uncond: Conditioning | str = None,
         sample_kwargs: Mapping[str, Any] | None = None,
         seed: int = 0,
         value_range: Sequence[float] = (-1.0, 1.0),
@@ -183,6 +288,7 @@ class SampleLogger(Callback):
         frame_dim: int = 2,
         max_frames: int | None = None,
         fps: float = 8.0,
+        allowed_prefixes: Sequence[str] | None = None,
     ) -> None:
         self.shape = check_shape("shape", shape, min_ndim=2)
         self.every_n_steps = None if every_n_steps is None else check_int("every_n_steps", every_n_steps, minimum=1)
@@ -202,6 +308,13 @@ class SampleLogger(Callback):
         self.frame_dim = check_int("frame_dim", frame_dim, minimum=1, maximum=2)
         self.max_frames = None if max_frames is None else check_int("max_frames", max_frames, minimum=1)
         self.fps = check_real("fps", fps, minimum=0.0, min_inclusive=False)
+        if allowed_prefixes is not None and (
+            isinstance(allowed_prefixes, str) or not all(isinstance(p, str) for p in allowed_prefixes)
+        ):
+            raise TypeError(f"allowed_prefixes must be a list of module prefixes or None, got {allowed_prefixes!r}")
+        self.allowed_prefixes = None if allowed_prefixes is None else list(allowed_prefixes)
+        #: The conditions in use: ``cond``/``uncond`` with the ``"batch:"`` and ``"call:"`` forms resolved.
+        self._conditions: dict[str, Any] = {"cond": self.cond, "uncond": self.uncond}
         self._noise = torch.randn(self.shape, generator=torch.Generator().manual_seed(self.seed), dtype=torch.float32)
         self._last_step: int | None = None
         self._warned_nan = False
@@ -224,12 +337,13 @@ class SampleLogger(Callback):
 
         A fit starts afresh (its steps are logged even when a previous fit of this callback logged the same ones).
         """
+        if not isinstance(pl_module, DiffusionMixin):
+            raise TypeError(f"SampleLogger needs a module that mixes in DiffusionMixin, got {type(pl_module).__name__}")
         if stage == "fit":
             self._last_step, self._warned_nan = None, False
-        if not isinstance(pl_module, DiffusionMixin):
-            raise TypeError(
-                f"SampleLogger needs a module that mixes in DiffusionMixin, got {type(pl_module).__name__}"
-            )
+            needs_pillow(trainer, clips=len(self.shape) == 5, who="SampleLogger")
+            self._conditions = {"cond": self.cond, "uncond": self.uncond}  # "batch:" from this fit's first batch
+        self._resolve_calls(pl_module)
         callbacks = callbacks_of(trainer)
         if self.every_n_steps is not None and self in callbacks:
             later = callbacks[callbacks.index(self) + 1 :]
@@ -247,6 +361,57 @@ class SampleLogger(Callback):
             ValueError: The configuration cannot log; the message says what to pass.
         """
         _check_can_log(self, pl_module)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Take the ``"batch:<key>"`` conditions from the first batch of the fit."""
+        self._take_batch(batch)
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """Take the ``"batch:<key>"`` conditions from the first batch of the fit (the sanity check's counts)."""
+        if trainer.state.fn == "fit":
+            self._take_batch(batch)
+
+    def _take_batch(self, batch: Any) -> None:
+        for name, value in self._conditions.items():
+            if _pending(value, BATCH_PREFIX):
+                self._conditions[name] = _replaced(
+                    value, BATCH_PREFIX, lambda spec, name=name: _from_batch(name, spec, batch, self.shape[0])
+                )
+
+    def _resolve_calls(self, pl_module: pl.LightningModule) -> None:
+        """Call the ``"call:<path>"`` conditions' functions (once per setup) with the number of samples."""
+        prefixes = self.allowed_prefixes
+        if prefixes is None:
+            prefixes = [type(pl_module).__module__.partition(".")[0], "lightning_ldm"]
+
+        def call(spec: str) -> Any:
+            function = get_obj_from_str(spec[len(CALL_PREFIX) :], allowed_prefixes=prefixes)
+            if not callable(function):
+                raise TypeError(f"SampleLogger's condition {spec!r} names a {type(function).__name__}, not a function")
+            made = function(self.shape[0])
+            if isinstance(made, str):
+                raise TypeError(f"SampleLogger's condition {spec!r} returned the string {made!r}; expected a condition")
+            return _check_cond(f"the condition {spec!r} returned", made)
+
+        for name, value in self._conditions.items():
+            if _pending(value, CALL_PREFIX):
+                self._conditions[name] = _replaced(value, CALL_PREFIX, call)
+
+    def _condition(self, name: str) -> Any:
+        value = self._conditions[name]
+        spec = _pending(value, BATCH_PREFIX) or _pending(value, CALL_PREFIX)
+        if spec:
+            when = "the first batch of the fit" if spec.startswith(BATCH_PREFIX) else "setup"
+            raise RuntimeError(
+                f"SampleLogger({name}: {spec!r}) is resolved at {when}, which has not come yet; sample inside a fit"
+            )
+        return value
 
     @override
     def on_train_batch_end(
@@ -326,8 +491,8 @@ class SampleLogger(Callback):
             Samples ``(B, C, H, W)`` or ``(B, C, T, H, W)`` / ``(B, T, C, H, W)`` (see ``frame_dim``).
         """
         options = {**sample_options(self.sample_kwargs), "generator": generator, "x_T": noise}
-        cond = _to_device(self.cond, noise.device, noise.dtype)  # the noise's dtype: the module's under "bf16-true"
-        uncond = _to_device(self.uncond, noise.device, noise.dtype)
+        cond = _to_device(self._condition("cond"), noise.device, noise.dtype)  # the module's dtype under "bf16-true"
+        uncond = _to_device(self._condition("uncond"), noise.device, noise.dtype)
         samples = diffusion_module(pl_module, type(self).__name__).sample(
             noise.shape, cond=cond, uncond=uncond, **options
         )

@@ -66,7 +66,7 @@ from typing_extensions import override
 from lightning_ldm._checks import check_bool, check_floating, check_instance, check_int, check_str
 from lightning_ldm.callbacks._diffusion import diffusion_module, gather_rows
 from lightning_ldm.callbacks._sampling import floating_dtype, sampling_weights, training_streams_kept
-from lightning_ldm.callbacks.sample_logger import SampleLogger
+from lightning_ldm.callbacks.sample_logger import BATCH_PREFIX, CALL_PREFIX, SampleLogger, _pending
 from lightning_ldm.features import RandomConvFeatures
 from lightning_ldm.seeding import derive_seed
 
@@ -288,6 +288,13 @@ class SampleQualityMonitor(Callback):
         self.num_samples = check_int("shape[0]", self.shape[0], minimum=2)
         self.seed = sampler.seed
         self.cond, self.uncond = sampler.cond, sampler.uncond
+        for name, value in (("cond", self.cond), ("uncond", self.uncond)):
+            spec = _pending(value, BATCH_PREFIX) or _pending(value, CALL_PREFIX)
+            if spec:
+                raise ValueError(
+                    f"SampleQualityMonitor({name}: {spec!r}): the 'batch:' and 'call:' forms are SampleLogger's; pass "
+                    "the conditions (tensors or lists of numbers) themselves"
+                )
         self._noise = sampler.noise
         if reference is not None:
             check_floating("reference", reference, min_ndim=2)

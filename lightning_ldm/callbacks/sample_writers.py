@@ -17,6 +17,7 @@ Files are named ``{tag}_step{step:07d}.png`` / ``.gif`` (``/`` in the tag become
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import re
 from pathlib import Path
@@ -28,7 +29,7 @@ from torch import Tensor
 
 from lightning_ldm.media import encode_gif, write_gif, write_png
 
-__all__ = ["sample_dir", "sample_path", "write_image", "write_video"]
+__all__ = ["needs_pillow", "sample_dir", "sample_path", "write_image", "write_video"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,24 @@ def sample_path(trainer: pl.Trainer, tag: str, step: int, suffix: str) -> Path:
 def _needs_files(trainer: pl.Trainer) -> bool:
     loggers = trainer.loggers
     return not loggers or any(not isinstance(lg, (TensorBoardLogger, WandbLogger)) for lg in loggers)
+
+
+def needs_pillow(trainer: pl.Trainer, *, clips: bool, who: str) -> None:
+    """Raise at ``setup`` when writing samples to ``trainer``'s loggers will need Pillow and it is not installed.
+
+    Pillow encodes the PNG and GIF files (any logger but TensorBoard and W&B, or none) and the animations of clips
+    (every logger).
+
+    Raises:
+        ModuleNotFoundError: Pillow is needed and missing; the message names the ``logging`` extra.
+    """
+    if (clips or _needs_files(trainer)) and importlib.util.find_spec("PIL") is None:
+        what = "animated GIFs of clips" if clips else f"PNG files for {[type(lg).__name__ for lg in trainer.loggers]}"
+        raise ModuleNotFoundError(
+            f'{who} writes {what} with Pillow, which is not installed: pip install "lightning_ldm[logging]" (or '
+            "pillow), or log to TensorBoard/W&B only",
+            name="PIL",
+        )
 
 
 def write_image(trainer: pl.Trainer, tag: str, grid: Tensor, step: int) -> list[str]:
