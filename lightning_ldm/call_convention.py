@@ -1,11 +1,11 @@
 r"""How a denoising network takes its condition: CompVis' ``model(x, t, context=, y=)`` or diffusers'.
 
-===============  ======================================================================  =========================
-convention       call                                                                    output
-===============  ======================================================================  =========================
-``"compvis"``    ``model(x, t, context=c)``, ``model(x, t, y=y)``                        returned as is
-``"diffusers"``  ``model(sample, timestep, encoder_hidden_states=c)``, ``class_labels=``  ``.sample`` (or ``[0]``)
-===============  ======================================================================  =========================
+===============  ===========================================================  ========================
+convention       call                                                         output
+===============  ===========================================================  ========================
+``"compvis"``    ``model(x, t, context=c)``, ``model(x, t, y=y)``             returned as is
+``"diffusers"``  ``model(x, t, encoder_hidden_states=c)``, ``class_labels=``  ``.sample`` (or ``[0]``)
+===============  ===========================================================  ========================
 
 ``"auto"`` reads the names of the network's ``forward`` (once per class, :func:`inspect.signature`): one of
 ``encoder_hidden_states``, ``class_labels`` or ``added_cond_kwargs`` makes it ``"diffusers"`` (``UNet2DModel``,
@@ -16,9 +16,8 @@ convention       call                                                           
 ``encoder_hidden_states``, ``vector`` → ``class_labels``) and unwraps diffusers' output. A diffusers UNet without a
 class embedding would ignore ``class_labels``: a vector condition for one is refused. Its ``added_cond_kwargs`` (SDXL's
 ``text_embeds``/``time_ids``) go in a mapping condition to :meth:`~lightning_ldm.DiffusionMixin.apply_model`, which
-spreads it. Before the
-call it checks that the network takes that name: a network that takes neither convention's name gets a
-``TypeError`` naming both, instead of an ``unexpected keyword argument`` from deep inside its ``forward``.
+spreads it. Before the call it checks that the network takes that name: a network that takes neither convention's
+name gets a ``TypeError`` naming both, instead of an ``unexpected keyword argument`` from deep inside its ``forward``.
 """
 
 from __future__ import annotations
