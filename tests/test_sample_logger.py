@@ -122,7 +122,7 @@ def params(model: nn.Module) -> list[Tensor]:
         ({"every_n_steps": 0}, ValueError, r"every_n_steps=0 is out of range; expected an integer >= 1"),
         ({"every_n_steps": -3}, ValueError, r"every_n_steps=-3 is out of range"),
         ({"every_n_steps": 2.0}, TypeError, r"every_n_steps must be an integer, got 2.0"),
-        ({"at_validation_end": False}, ValueError, r"every_n_steps=None and at_validation_end=False would never log"),
+        ({"at_validation_end": False}, ValueError, r"at_validation_end=False: SampleLogger would never run"),
         ({"at_validation_end": 1}, TypeError, r"at_validation_end must be a bool, got 1 of type int"),
         ({"shape": (4,)}, ValueError, r"shape must have a batch axis and at least one more, got \(4,\)"),
         ({"shape": (4, 0, 2)}, ValueError, r"shape\[1\]=0 is out of range"),
@@ -176,7 +176,7 @@ def test_module_without_the_mixin_is_refused() -> None:
     class Plain(L.LightningModule):
         pass
 
-    with pytest.raises(TypeError, match=r"SampleLogger needs a module that mixes in DiffusionMixin, got Plain"):
+    with pytest.raises(TypeError, match=r"SampleLogger needs a LightningModule that mixes in Diffusion.*got Plain"):
         SampleLogger(IMAGE).setup(make_trainer(), Plain(), "fit")
 
 
@@ -332,7 +332,7 @@ def test_samples_use_the_ema_weights_and_training_weights_come_back(at: str) -> 
 
 
 def test_warns_when_listed_before_the_averaging_callback() -> None:
-    with pytest.warns(UserWarning, match="SampleLogger is listed before a WeightAveraging callback"):
+    with pytest.warns(UserWarning, match="Recording is listed before a WeightAveraging callback: its step-based runs"):
         fit(
             GridDenoiser(),
             [Recording(IMAGE, every_n_steps=3, sample_kwargs={"num_steps": 5}), EMAWeightAveraging()],

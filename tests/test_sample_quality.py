@@ -429,7 +429,7 @@ def test_two_gloo_ranks_give_the_values_of_one_process(tmp_path: Path) -> None:
     ("kwargs", "error", "match"),
     [
         ({"reference": None}, ValueError, "reference=None needs reference_images overridden"),
-        ({"every_n_steps": None, "at_validation_end": False}, ValueError, "would never evaluate"),
+        ({"every_n_steps": None, "at_validation_end": False}, ValueError, "SampleQualityMonitor would never run"),
         ({"every_n_steps": 0}, ValueError, r"every_n_steps=0 is out of range"),
         ({"features": "inception"}, TypeError, "features must be an nn.Module mapping images"),
         ({"batch_size": 0}, ValueError, r"batch_size=0 is out of range"),

@@ -27,11 +27,11 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from lightning_ldm._checks import check_choice, check_int
+from lightning_ldm.callbacks._base import DiffusionCallback
 from lightning_ldm.callbacks._diffusion import diffusion_module, gather_ranked, schedule_timesteps
 from lightning_ldm.mixin import DiffusionMixin
 from lightning_ldm.seeding import derive_seed
@@ -82,7 +82,7 @@ _TRAIN_STREAM = 0
 _VAL_STREAM = 1
 
 
-class DiffusionSeedCallback(Callback):
+class DiffusionSeedCallback(DiffusionCallback):
     r"""Seed the timestep/noise draws of a :class:`~lightning_ldm.mixin.DiffusionMixin` module and install its sampler.
 
     Example::
@@ -124,15 +124,6 @@ class DiffusionSeedCallback(Callback):
         self._saved_module_attrs: tuple[Any, Any] | None = None
 
     # ------------------------------------------------------------------------------------------- fit start/end
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Check that the module is a ``DiffusionMixin``.
-
-        Raises:
-            TypeError: The module is not a ``DiffusionMixin``.
-        """
-        diffusion_module(pl_module, type(self).__name__)
-
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Check the schedule, then install the sampler and the seeded generator on the module.

@@ -23,13 +23,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_ldm._checks import (
-    check_bool,
     check_int,
     check_real,
     check_scheduler,
@@ -38,9 +36,9 @@ from lightning_ldm._checks import (
     check_value_range,
     describe,
 )
+from lightning_ldm.callbacks._base import PeriodicCallback
 from lightning_ldm.callbacks._diffusion import diffusion_module
 from lightning_ldm.callbacks._sampling import (
-    callbacks_of,
     check_sample_kwargs,
     floating_dtype,
     sample_options,
@@ -50,7 +48,6 @@ from lightning_ldm.callbacks.sample_writers import needs_pillow, write_image, wr
 from lightning_ldm.instantiation import get_obj_from_str
 from lightning_ldm.latent import LatentDiffusionMixin
 from lightning_ldm.media import image_grid, to_uint8, video_grid
-from lightning_ldm.mixin import DiffusionMixin
 from lightning_ldm.seeding import derive_seed
 
 __all__ = ["SampleLogger"]
@@ -211,7 +208,7 @@ def _check_can_log(logger: SampleLogger, pl_module: pl.LightningModule) -> None:
         )
 
 
-class SampleLogger(Callback):
+class SampleLogger(PeriodicCallback):
     r"""Log DDIM samples from fixed starting noise every N optimizer steps and/or at validation end.
 
     Example::
@@ -291,11 +288,7 @@ class SampleLogger(Callback):
         allowed_prefixes: Sequence[str] | None = None,
     ) -> None:
         self.shape = check_shape("shape", shape, min_ndim=2)
-        self.every_n_steps = None if every_n_steps is None else check_int("every_n_steps", every_n_steps, minimum=1)
-        at_validation_end = check_bool("at_validation_end", at_validation_end)
-        if self.every_n_steps is None and not at_validation_end:
-            raise ValueError("every_n_steps=None and at_validation_end=False would never log; set one of them")
-        self.at_validation_end = at_validation_end
+        super().__init__(every_n_steps, at_validation_end)
         self.sample_kwargs = check_sample_kwargs(sample_kwargs)
         self.cond, self.uncond = _check_cond("cond", cond), _check_cond("uncond", uncond)
         scale = self.sample_kwargs["guidance_scale"]
@@ -333,25 +326,22 @@ class SampleLogger(Callback):
     # ----------------------------------------------------------------------------------------------- hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Check the module can sample, warn when an averaging callback comes after this one, start a new fit.
+        """Check the module and the order of callbacks; at the start of a fit, reset, check Pillow, take conditions.
 
-        A fit starts afresh (its steps are logged even when a previous fit of this callback logged the same ones).
+        Raises:
+            TypeError: The module does not mix in ``DiffusionMixin``.
+            ModuleNotFoundError: Files will be written and Pillow is missing (the message names the extra).
         """
-        if not isinstance(pl_module, DiffusionMixin):
-            raise TypeError(f"SampleLogger needs a module that mixes in DiffusionMixin, got {type(pl_module).__name__}")
+        super().setup(trainer, pl_module, stage)
         if stage == "fit":
-            self._last_step, self._warned_nan = None, False
             needs_pillow(trainer, clips=len(self.shape) == 5, who="SampleLogger")
             self._conditions = {"cond": self.cond, "uncond": self.uncond}  # "batch:" from this fit's first batch
         self._resolve_calls(pl_module)
-        callbacks = callbacks_of(trainer)
-        if self.every_n_steps is not None and self in callbacks:
-            later = callbacks[callbacks.index(self) + 1 :]
-            if any(isinstance(cb, WeightAveraging) for cb in later):
-                rank_zero_warn(
-                    "SampleLogger is listed before a WeightAveraging callback: its step-based samples use averaged "
-                    "weights without that step's update; list SampleLogger after it"
-                )
+
+    @override
+    def reset(self) -> None:
+        """A fit starts afresh: its steps are logged even when a previous fit of this callback logged the same ones."""
+        self._last_step, self._warned_nan = None, False
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -414,19 +404,9 @@ class SampleLogger(Callback):
         return value
 
     @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        """Log when ``global_step`` is a positive multiple of ``every_n_steps`` not logged yet."""
-        step = trainer.global_step
-        if self.every_n_steps is not None and step > 0 and step % self.every_n_steps == 0:
-            self.log_samples(trainer, pl_module)
-
-    @override
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Log at the end of a validation pass (after every callback's ``on_validation_epoch_end``)."""
-        if self.at_validation_end and not trainer.sanity_checking:
-            self.log_samples(trainer, pl_module)
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor | None:
+        """:meth:`log_samples` (on the step schedule and at validation end)."""
+        return self.log_samples(trainer, pl_module)
 
     # --------------------------------------------------------------------------------------------- logging
     def log_samples(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor | None:

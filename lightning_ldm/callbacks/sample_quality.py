@@ -56,15 +56,15 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 from typing_extensions import override
 
-from lightning_ldm._checks import check_bool, check_floating, check_instance, check_int, check_str
-from lightning_ldm.callbacks._diffusion import diffusion_module, gather_rows
+from lightning_ldm._checks import check_floating, check_instance, check_int, check_str
+from lightning_ldm.callbacks._base import PeriodicCallback
+from lightning_ldm.callbacks._diffusion import gather_rows
 from lightning_ldm.callbacks._sampling import floating_dtype, sampling_weights, training_streams_kept
 from lightning_ldm.callbacks.sample_logger import BATCH_PREFIX, CALL_PREFIX, SampleLogger, _pending
 from lightning_ldm.features import RandomConvFeatures
@@ -226,7 +226,7 @@ def fid_and_kid(
     return {"fid": float(fid.compute()), "kid_mean": float(kid_mean), "kid_std": float(kid_std)}
 
 
-class SampleQualityMonitor(Callback):
+class SampleQualityMonitor(PeriodicCallback):
     r"""Log FID and KID of samples from fixed noise against real reference images, every N steps and/or at validation.
 
     Example::
@@ -302,10 +302,7 @@ class SampleQualityMonitor(Callback):
         elif type(self).reference_images is SampleQualityMonitor.reference_images:
             raise ValueError("reference=None needs reference_images overridden; pass the real images as reference")
         self.reference = reference
-        self.every_n_steps = None if every_n_steps is None else check_int("every_n_steps", every_n_steps, minimum=1)
-        self.at_validation_end = check_bool("at_validation_end", at_validation_end)
-        if self.every_n_steps is None and not self.at_validation_end:
-            raise ValueError("every_n_steps=None and at_validation_end=False would never evaluate; set one of them")
+        super().__init__(every_n_steps, at_validation_end)
         if features is not None:
             what = "an nn.Module mapping images (B, ...) to vectors (B, D), or None"
             check_instance("features", features, nn.Module, what)
@@ -337,21 +334,28 @@ class SampleQualityMonitor(Callback):
     # ----------------------------------------------------------------------------------------------- hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Check the module can sample and the samples can be shared over the ranks; forget the cached reference."""
-        diffusion_module(pl_module, type(self).__name__)
+        """Check the module, the callbacks' order and that the samples can be shared over the ranks; reset.
+
+        The cached reference is forgotten at every stage: it is recomputed at train start or at the first evaluation,
+        never stale.
+
+        Raises:
+            TypeError: The module does not mix in ``DiffusionMixin``.
+            ValueError: Fewer samples than ranks.
+        """
+        super().setup(trainer, pl_module, stage)
         if self.num_samples < trainer.world_size:
             raise ValueError(
                 f"shape[0]={self.num_samples} samples cannot be shared over {trainer.world_size} ranks; expected at "
                 f"least one per rank"
             )
-        callbacks = list(getattr(trainer, "callbacks", []))
-        later = callbacks[callbacks.index(self) + 1 :] if self in callbacks else []
-        if self.every_n_steps is not None and any(isinstance(cb, WeightAveraging) for cb in later):
-            rank_zero_warn(
-                "SampleQualityMonitor is listed before a WeightAveraging callback: its step-based samples use "
-                "averaged weights without that step's update; list it after"
-            )
-        self._real = self._extractor = None  # recomputed at train start (or at the first evaluation), never stale
+        if stage != "fit":
+            self.reset()
+
+    @override
+    def reset(self) -> None:
+        """Forget the cached reference features and the last evaluated step."""
+        self._real = self._extractor = None
         self._reference_fingerprint = None
         self._last_step = None
 
@@ -361,19 +365,9 @@ class SampleQualityMonitor(Callback):
         self.reference_features(trainer, pl_module)
 
     @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        """Evaluate when ``global_step`` is a positive multiple of ``every_n_steps`` not evaluated yet."""
-        step = trainer.global_step
-        if self.every_n_steps is not None and step > 0 and step % self.every_n_steps == 0:
-            self.evaluate(trainer, pl_module)
-
-    @override
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Evaluate at the end of a validation pass (after the averaging callback has put the weights back)."""
-        if self.at_validation_end and not trainer.sanity_checking:
-            self.evaluate(trainer, pl_module)
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float] | None:
+        """:meth:`evaluate` (on the step schedule and at validation end)."""
+        return self.evaluate(trainer, pl_module)
 
     # ------------------------------------------------------------------------------------------ evaluation
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float] | None:

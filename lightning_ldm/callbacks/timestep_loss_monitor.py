@@ -7,12 +7,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_ldm._checks import check_bool, check_int
+from lightning_ldm.callbacks._base import DiffusionCallback
 from lightning_ldm.callbacks._diffusion import diffusion_module, schedule_timesteps
 from lightning_ldm.callbacks._schedule_curve import write_curve
 from lightning_ldm.metrics import TimestepBucketLoss
@@ -21,7 +21,7 @@ from lightning_ldm.schedules import log_snr
 __all__ = ["TimestepLossMonitor"]
 
 
-class TimestepLossMonitor(Callback):
+class TimestepLossMonitor(DiffusionCallback):
     r"""Log the training loss by timestep bucket of a :class:`~lightning_ldm.mixin.DiffusionMixin` module.
 
     Example::
@@ -77,23 +77,19 @@ class TimestepLossMonitor(Callback):
 
     # ------------------------------------------------------------------------------------------------- fit start
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Check that the module is a ``DiffusionMixin``; at the start of a fit, forget the previous fit's window.
+    def reset(self) -> None:
+        """At the start of a fit, forget the previous fit's window (a reused monitor logs every step again).
 
-        A monitor reused for a second ``fit`` starts with an empty window and logs every step again. What
-        :meth:`load_state_dict` restores is kept: Lightning restores a resumed fit's callback state after ``setup``,
-        and state loaded by hand before ``fit`` is kept until train start.
-
-        Raises:
-            TypeError: The module is not a ``DiffusionMixin``.
+        What :meth:`load_state_dict` restores is kept: Lightning restores a resumed fit's callback state after
+        ``setup``, and state loaded by hand before ``fit`` is kept until train start.
         """
-        diffusion_module(pl_module, type(self).__name__)
-        if stage == "fit" and not self._loaded:
-            self._last_log_step = -1
-            self._pending_bucket_state = None
-            self._warned_nan = False
-            if self.bucket_loss is not None:
-                self.bucket_loss.reset()
+        if self._loaded:
+            return
+        self._last_log_step = -1
+        self._pending_bucket_state = None
+        self._warned_nan = False
+        if self.bucket_loss is not None:
+            self.bucket_loss.reset()
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
