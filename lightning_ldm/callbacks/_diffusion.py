@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
 from lightning_ldm.mixin import DiffusionMixin
 
-__all__ = ["diffusion_module", "gather_ranked", "gather_rows", "schedule_timesteps"]
+__all__ = ["diffusion_module", "gather_ranked", "gather_rows", "logger_directory", "schedule_timesteps"]
 
 
 def diffusion_module(pl_module: pl.LightningModule, owner: str) -> DiffusionMixin:
@@ -73,3 +75,12 @@ def gather_rows(trainer: pl.Trainer, rows: Tensor) -> Tensor:
 def gather_ranked(trainer: pl.Trainer, t: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
     """All ranks' ``(t, losses)`` concatenated in rank order, 1-D (see :func:`gather_rows`)."""
     return gather_rows(trainer, t.reshape(-1).long()), gather_rows(trainer, losses.reshape(-1).float())
+
+
+def logger_directory(logger: object) -> str | None:
+    """The local directory a logger writes to (``log_dir``, else ``save_dir``), or ``None`` when it has none."""
+    for attribute in ("log_dir", "save_dir"):
+        directory = getattr(logger, attribute, None)
+        if isinstance(directory, str | os.PathLike):
+            return os.fspath(directory)
+    return None

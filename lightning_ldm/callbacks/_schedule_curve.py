@@ -9,23 +9,16 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
+from lightning_ldm.callbacks._diffusion import logger_directory
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["CSV_NAME", "PNG_NAME", "TAG", "log_snr_figure", "logger_directory", "write_curve", "write_log_snr_csv"]
+__all__ = ["CSV_NAME", "PNG_NAME", "TAG", "log_snr_figure", "write_curve", "write_log_snr_csv"]
 
 TAG = "schedule/log_snr"
 CSV_NAME = "log_snr.csv"
 PNG_NAME = "log_snr.png"
-
-
-def logger_directory(logger: Logger) -> str | None:
-    """The local directory a logger writes to (``log_dir``, else ``save_dir``), or ``None`` when it has none."""
-    for attribute in ("log_dir", "save_dir"):
-        directory = getattr(logger, attribute, None)
-        if isinstance(directory, str | os.PathLike):
-            return os.fspath(directory)
-    return None
 
 
 def write_log_snr_csv(directory: str, log_snr: Tensor) -> str:

@@ -12,7 +12,8 @@ any other logger, or none     PNG (images) and GIF (clips) files in ``<log_dir>/
 ============================  ==========================================================================
 
 Files are named ``{tag}_step{step:07d}.png`` / ``.gif`` (``/`` in the tag becomes ``_``) and live in
-``<log_dir>/samples`` of the first logger that has a ``log_dir``, else ``<trainer.default_root_dir>/samples``.
+``<dir>/samples`` of the first logger with a local directory (``log_dir``, else ``save_dir``), else of
+``trainer.default_root_dir``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor
 
+from lightning_ldm.callbacks._diffusion import logger_directory
 from lightning_ldm.media import encode_gif, write_gif, write_png
 
 __all__ = ["needs_pillow", "sample_dir", "sample_path", "write_image", "write_video"]
@@ -35,11 +37,11 @@ log = logging.getLogger(__name__)
 
 
 def sample_dir(trainer: pl.Trainer) -> Path:
-    """``<log_dir>/samples`` of the first logger with a ``log_dir``, else ``<default_root_dir>/samples``."""
+    """``<dir>/samples``: the first logger's local directory (``log_dir``, else ``save_dir``), else the root dir."""
     for logger in trainer.loggers:
-        log_dir = getattr(logger, "log_dir", None)
-        if isinstance(log_dir, (str, Path)):
-            return Path(log_dir) / "samples"
+        directory = logger_directory(logger)
+        if directory is not None:
+            return Path(directory) / "samples"
     return Path(trainer.default_root_dir) / "samples"
 
 
