@@ -30,13 +30,17 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from lightning_ldm._checks import check_bool, check_instance, check_mapping, check_scheduler, describe
 from lightning_ldm.call_convention import resolve_call_convention
 from lightning_ldm.noise_schedule import NoiseSchedule
+
+if TYPE_CHECKING:
+    from lightning_ldm.first_stage import FirstStage
+    from lightning_ldm.latent import LatentDiffusionMixin
 
 __all__ = [
     "DDIM_EXPORT_OPTIONS",
@@ -81,7 +85,7 @@ def _averaged_denoiser(module: nn.Module, name: str) -> nn.Module | None:
     trainer = getattr(module, "_trainer", None)
     if trainer is None:
         return None
-    from lightning_ldm.callbacks._sampling import first_averaged_module  # noqa: PLC0415 - callbacks import Lightning
+    from lightning_ldm.callbacks._sampling import first_averaged_module
 
     averaged, _ = first_averaged_module(trainer)
     denoiser = None if averaged is None else getattr(averaged, name, None)
@@ -125,11 +129,13 @@ def _build_scheduler(diffusers: Any, scheduler: Any, schedule: NoiseSchedule, op
     return built
 
 
-def _check_exportable(module: nn.Module, diffusers: Any) -> tuple[nn.Module, Any]:
-    """``(denoiser, first stage)`` of a module :func:`export_diffusers` can write, or the error saying why not."""
-    from lightning_ldm.latent import LatentDiffusionMixin  # noqa: PLC0415 - keeps this module light to import
+def _check_exportable(given: nn.Module, diffusers: Any) -> tuple[LatentDiffusionMixin, nn.Module, FirstStage]:
+    """``(module, denoiser, first stage)`` of a module :func:`export_diffusers` can write, or the error why not."""
+    from lightning_ldm.latent import LatentDiffusionMixin
 
-    check_instance("module", module, LatentDiffusionMixin, "a LatentDiffusionMixin module")
+    module: LatentDiffusionMixin = check_instance(
+        "module", given, LatentDiffusionMixin, "a LatentDiffusionMixin module"
+    )
     name = module.denoiser_name or "model"
     denoiser = getattr(module, name, None)
     if not isinstance(denoiser, diffusers.UNet2DConditionModel):
@@ -156,7 +162,7 @@ def _check_exportable(module: nn.Module, diffusers: Any) -> tuple[nn.Module, Any
             f"the first stage has shift_factor={stage.shift!r}, but {_PIPELINE} decodes latents / scaling_factor "
             "without a shift; only a first stage with shift_factor 0 can be exported"
         )
-    return denoiser, stage
+    return module, denoiser, stage
 
 
 def export_diffusers(
@@ -203,18 +209,19 @@ def export_diffusers(
         TypeError: ``module`` is not a ``LatentDiffusionMixin``, its denoiser is not a ``UNet2DConditionModel`` or its
             first stage not an ``AutoencoderKL``; ``scheduler`` is not a scheduler class or name; a wrong option type.
         ValueError: The conditioning is not cross-attention, the first stage has a shift, an unknown scheduler name
-            or option, an option the pipeline would rewrite, or options that change the schedule (the built scheduler's tables differ from the module's).
+            or option, an option the pipeline would rewrite, or options that change the schedule (the built
+            scheduler's tables differ from the module's).
     """
     diffusers = _diffusers()
     use_ema = check_bool("use_ema", use_ema)
     check_mapping("scheduler_options", {} if scheduler_options is None else scheduler_options, "a mapping")
-    denoiser, stage = _check_exportable(module, diffusers)
-    schedule = module._require_schedule()
+    latent, denoiser, stage = _check_exportable(module, diffusers)
+    schedule = latent._require_schedule()
     built = _build_scheduler(diffusers, scheduler, schedule, dict(scheduler_options or {}))
 
-    averaged = _averaged_denoiser(module, module.denoiser_name or "model") if use_ema else None  # type: ignore[arg-type]
-    unet = copy.deepcopy(averaged if averaged is not None else denoiser)
-    vae = copy.deepcopy(stage.autoencoder)  # never change the user's VAE config
+    averaged = _averaged_denoiser(latent, latent.denoiser_name or "model") if use_ema else None
+    unet: Any = copy.deepcopy(averaged if averaged is not None else denoiser)  # diffusers ModelMixins
+    vae: Any = copy.deepcopy(stage.autoencoder)  # never change the user's VAE config
     vae.register_to_config(scaling_factor=stage.scale)
 
     out = Path(path)
@@ -230,7 +237,7 @@ def export_diffusers(
         "unet": ["diffusers", type(unet).__name__],
         "vae": ["diffusers", type(vae).__name__],
     }
-    index.update(dict.fromkeys(_EMPTY_COMPONENTS, [None, None]))
+    index.update({name: [None, None] for name in _EMPTY_COMPONENTS})
     (out / "model_index.json").write_text(json.dumps(dict(sorted(index.items())), indent=2) + "\n")
     return out
 
@@ -241,7 +248,8 @@ class DiffusersComponents:
 
     Attributes:
         unet: The denoiser (``self.model = unet``).
-        vae: The autoencoder, whose ``config.scaling_factor`` the first stage takes (``self.register_first_stage(vae)``).
+        vae: The autoencoder, whose ``config.scaling_factor`` the first stage takes
+            (``self.register_first_stage(vae)``).
         schedule: The noise schedule of the scheduler's config (``self.register_schedule(schedule=schedule)``),
             checked against the scheduler's own ``alphas_cumprod``.
         scheduler: The loaded scheduler (a sampler for ``sample(sampler=...)``).

@@ -63,7 +63,7 @@ def _data(n: int = 16) -> DataLoader:
 def _inputs() -> tuple[Tensor, Tensor, Tensor]:
     """``(x_T, cond, uncond)`` for B samples: the null condition is zeros, the model's dropout null."""
     g = torch.Generator().manual_seed(7)
-    x_T = torch.randn(B, Z, SIZE, SIZE, generator=g)  # noqa: N806
+    x_T = torch.randn(B, Z, SIZE, SIZE, generator=g)
     return x_T, torch.randn(B, TOKENS, CTX, generator=g), torch.zeros(B, TOKENS, CTX)
 
 
@@ -107,7 +107,7 @@ def test_trained_bf16_ema_model_exports_and_the_pipeline_samples_what_sample_sam
         max_steps=30,
         precision="bf16-mixed",
         default_root_dir=tmp_path / "run",
-        callbacks=[DiffusionSeedCallback(seed=0), logger, EMAWeightAveraging(decay=0.9)],
+        callbacks=[DiffusionSeedCallback(seed=0), EMAWeightAveraging(decay=0.9), logger],
     )
     initial_unet = {k: v.clone() for k, v in model.model.state_dict().items()}
     trainer.fit(model, _data())
@@ -133,9 +133,14 @@ def test_trained_bf16_ema_model_exports_and_the_pipeline_samples_what_sample_sam
 
     # float32 on the CPU, without the Trainer's bf16 autocast: the pipeline's images are sample()'s, bitwise
     model.trainer = None
-    x_T, cond, uncond = _inputs()  # noqa: N806
+    x_T, cond, uncond = _inputs()
     ours = model.sample(
-        x_T.shape, x_T=x_T, cond=cond, uncond=uncond, guidance_scale=GUIDANCE, num_steps=STEPS,
+        x_T.shape,
+        x_T=x_T,
+        cond=cond,
+        uncond=uncond,
+        guidance_scale=GUIDANCE,
+        num_steps=STEPS,
         sampler=DDIMScheduler.from_config(pipe.scheduler.config),
     )
     theirs = _pipeline_images(pipe, x_T, cond, uncond)
@@ -144,8 +149,9 @@ def test_trained_bf16_ema_model_exports_and_the_pipeline_samples_what_sample_sam
     assert float(theirs.std()) > 0.05  # not a constant image
 
     # the exported DDIM config takes the steps of our own DDIM (CompVis' uniform spacing): equal to float32 rounding
+    # (measured 3.6e-7, 3 ulp at 1.0: the two DDIM updates order their float32 operations differently)
     ddim = model.sample(x_T.shape, x_T=x_T, cond=cond, uncond=uncond, guidance_scale=GUIDANCE, num_steps=STEPS)
-    torch.testing.assert_close(theirs, _as_pipeline_output(ddim), atol=1e-5, rtol=0)
+    torch.testing.assert_close(theirs, _as_pipeline_output(ddim), atol=2e-6, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------ which weights
@@ -208,7 +214,7 @@ def test_round_trip_gives_the_same_weights_scale_schedule_and_samples(tmp_path):
     assert isinstance(parts.scheduler, DDIMScheduler)
     assert {k: parts.scheduler.config[k] for k in DDIM_EXPORT_OPTIONS} == dict(DDIM_EXPORT_OPTIONS)
 
-    x_T, cond, uncond = _inputs()  # noqa: N806
+    x_T, cond, uncond = _inputs()
     options = {"x_T": x_T, "cond": cond, "uncond": uncond, "guidance_scale": GUIDANCE, "num_steps": STEPS}
     assert torch.equal(model.sample(x_T.shape, **options), rebuilt.sample(x_T.shape, **options))
 
@@ -223,11 +229,11 @@ def test_another_scheduler_class_with_options_is_written_and_samples_alike(tmp_p
     # written as the pipeline wants it: it loads it unchanged (it would rewrite steps_offset=0, Euler's default)
     assert exported.config.steps_offset == 1 and exported.config.timestep_spacing == "leading"
     assert dict(pipe.scheduler.config) == dict(exported.config)
-    x_T, cond, uncond = _inputs()  # noqa: N806
+    x_T, cond, uncond = _inputs()
     ours = model.sample(
         x_T.shape, x_T=x_T, cond=cond, uncond=uncond, guidance_scale=GUIDANCE, num_steps=STEPS, sampler=exported
     )
-    torch.testing.assert_close(_pipeline_images(pipe, x_T, cond, uncond), _as_pipeline_output(ours), atol=1e-6, rtol=0)
+    assert torch.equal(_pipeline_images(pipe, x_T, cond, uncond), _as_pipeline_output(ours))
 
 
 def test_a_v_prediction_schedule_travels_as_prediction_type(tmp_path):
@@ -251,8 +257,11 @@ def test_refuses_what_the_pipeline_cannot_hold(tmp_path):
     with pytest.raises(TypeError, match=r"module must be .*LatentDiffusionMixin.*_Plain"):
         export_diffusers(_Plain(), tmp_path)
     model = ExportLDM(unet=unet2d(size=SIZE))
-    with pytest.raises(TypeError, match=r"module\.model \(the denoiser\) must be a diffusers UNet2DConditionModel.*"
-                       r"got UNet2DModel"):
+    with pytest.raises(
+        TypeError,
+        match=r"module\.model \(the denoiser\) must be a diffusers UNet2DConditionModel.*"
+        r"got UNet2DModel",
+    ):
         export_diffusers(model, tmp_path)
     model = ExportLDM()
     model.register_conditioning("concat")
@@ -287,8 +296,11 @@ def test_refuses_bad_scheduler_arguments(tmp_path):
     # an option that changes the schedule is caught by the table check
     with pytest.raises(ValueError, match=r"DDIMScheduler's alphas_cumprod differs from the model's schedule"):
         export_diffusers(model, tmp_path, scheduler_options={"beta_end": 0.02})
-    with pytest.raises(ValueError, match=r"scheduler_options=\{'steps_offset': 0\} would be rewritten by "
-                       r"StableDiffusionPipeline"):
+    with pytest.raises(
+        ValueError,
+        match=r"scheduler_options=\{'steps_offset': 0\} would be rewritten by "
+        r"StableDiffusionPipeline",
+    ):
         export_diffusers(model, tmp_path, scheduler_options={"steps_offset": 0})
     with pytest.raises(TypeError, match=r"scheduler_options must be a mapping"):
         export_diffusers(model, tmp_path, scheduler_options=[1])
