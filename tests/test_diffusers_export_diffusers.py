@@ -24,6 +24,8 @@ from lightning_ldm.callbacks import DiffusionSeedCallback, SampleLogger
 from lightning_ldm.diffusers_export import DDIM_EXPORT_OPTIONS, export_diffusers, load_diffusers
 from lightning_ldm.latent import LatentDiffusionMixin
 from lightning_ldm.mixin import DiffusionMixin
+from lightning_ldm.noise_schedule import NoiseSchedule
+from lightning_ldm.schedule_config import ScheduleConfig
 from tests.lightning_helpers import make_trainer
 from tests.test_latent_diffusers import CTX, Z, cond_unet, tiny_vae, unet2d
 
@@ -342,4 +344,36 @@ def test_missing_diffusers_names_the_extra(monkeypatch, tmp_path):
     with pytest.raises(ModuleNotFoundError, match=r'pip install "lightning_ldm\[diffusers\]"'):
         export_diffusers(ExportLDM(), tmp_path)
     with pytest.raises(ModuleNotFoundError, match=r'pip install "lightning_ldm\[diffusers\]"'):
+        load_diffusers(tmp_path)
+
+
+def test_model_index_is_the_one_diffusers_writes_and_its_folders_load(tmp_path):
+    """The reference: the same components saved by diffusers' own ``StableDiffusionPipeline.save_pretrained``."""
+    model = ExportLDM(scale_factor=0.4)
+    export_diffusers(model, tmp_path / "ours")
+    parts = load_diffusers(tmp_path / "ours")
+    reference = StableDiffusionPipeline(
+        vae=parts.vae,
+        text_encoder=None,
+        tokenizer=None,
+        unet=parts.unet,
+        scheduler=parts.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    reference.save_pretrained(tmp_path / "theirs")
+    ours, theirs = (json.loads((tmp_path / d / "model_index.json").read_text()) for d in ("ours", "theirs"))
+    assert ours == theirs
+    loaded = load_diffusers(tmp_path / "theirs")
+    assert loaded.vae.config.scaling_factor == 0.4
+    assert loaded.schedule.fingerprint == model.noise_schedule.fingerprint
+    assert all(torch.equal(v, model.model.state_dict()[k]) for k, v in loaded.unet.state_dict().items())
+
+
+def test_load_checks_the_schedule_against_the_schedulers_tables(tmp_path, monkeypatch):
+    export_diffusers(ExportLDM(), tmp_path)
+    misread = NoiseSchedule(ScheduleConfig(beta_schedule="linear", timesteps=T, linear_start=0.00085, linear_end=0.02))
+    monkeypatch.setattr(NoiseSchedule, "from_diffusers_config", classmethod(lambda cls, config: misread))
+    with pytest.raises(ValueError, match=r"DDIMScheduler's alphas_cumprod differs from the model's schedule: at t="):
         load_diffusers(tmp_path)
