@@ -220,7 +220,7 @@ def export_diffusers(
     built = _build_scheduler(diffusers, scheduler, schedule, dict(scheduler_options or {}))
 
     averaged = _averaged_denoiser(latent, latent.denoiser_name or "model") if use_ema else None
-    unet: Any = copy.deepcopy(averaged if averaged is not None else denoiser)  # diffusers ModelMixins
+    unet: Any = averaged if averaged is not None else denoiser  # diffusers ModelMixins; saving changes nothing
     vae: Any = copy.deepcopy(stage.autoencoder)  # never change the user's VAE config
     vae.register_to_config(scaling_factor=stage.scale)
 
