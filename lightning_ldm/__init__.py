@@ -56,6 +56,8 @@ if TYPE_CHECKING:
         TimestepLossMonitor,
     )
     from lightning_ldm.compat import CompVisCompat
+    from lightning_ldm.compvis_checkpoint import from_compvis_state_dict, to_compvis_state_dict
+    from lightning_ldm.diffusers_export import export_diffusers, load_diffusers
     from lightning_ldm.latent import LatentDiffusionMixin
     from lightning_ldm.mixin import DiffusionMixin
 
@@ -69,6 +71,10 @@ _LAZY = {
     "SampleQualityMonitor": "lightning_ldm.callbacks",
     "ScheduleCallback": "lightning_ldm.callbacks",
     "CompVisCompat": "lightning_ldm.compat",
+    "export_diffusers": "lightning_ldm.diffusers_export",
+    "load_diffusers": "lightning_ldm.diffusers_export",
+    "from_compvis_state_dict": "lightning_ldm.compvis_checkpoint",
+    "to_compvis_state_dict": "lightning_ldm.compvis_checkpoint",
     "TimestepLossMonitor": "lightning_ldm.callbacks",
     "GradientCheckpointing": "lightning_ldm.callbacks",
     "AlphaBlenderMonitor": "lightning_ldm.callbacks",
@@ -122,14 +128,17 @@ __all__ = [
     "ddim_step",
     "diffusion_loss",
     "drop_conditions",
+    "export_diffusers",
     "extract_into_tensor",
     "fixed_noise",
     "fixed_timestep_losses",
+    "from_compvis_state_dict",
     "from_diffusers_config",
     "get_obj_from_str",
     "get_v",
     "guided_model",
     "instantiate_from_config",
+    "load_diffusers",
     "log_snr",
     "make_beta_schedule",
     "make_ddim_sampling_parameters",
@@ -147,6 +156,7 @@ __all__ = [
     "scheduler_sample",
     "snr",
     "timestep_embedding",
+    "to_compvis_state_dict",
     "to_diffusers_config",
     "zero_module",
 ]
