@@ -25,7 +25,6 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from typing import Any, Literal, TypeAlias
-from weakref import WeakKeyDictionary
 
 from torch import Tensor, nn
 
@@ -73,7 +72,8 @@ class _Signature:
         return self.var_keyword or name in self.params
 
 
-_SIGNATURES: WeakKeyDictionary[type, _Signature] = WeakKeyDictionary()
+#: Per module class (a plain dict: ``torch.compile`` of torch 2.4 cannot trace a ``WeakKeyDictionary`` lookup).
+_SIGNATURES: dict[type, _Signature] = {}
 
 
 def _signature(model: Callable[..., Any]) -> _Signature:
@@ -81,7 +81,7 @@ def _signature(model: Callable[..., Any]) -> _Signature:
     if not isinstance(model, nn.Module):
         return _Signature(model)
     cls = type(model)
-    if "forward" in vars(model):  # a forward set on the instance: not the class's
+    if "forward" in model.__dict__:  # set on the instance, not the class's (``vars`` breaks torch 2.4's trace)
         return _Signature(model.forward)
     found = _SIGNATURES.get(cls)
     if found is None:
