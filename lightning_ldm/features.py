@@ -1,7 +1,9 @@
 r"""Image feature extractors for sample-quality metrics (FID, KID): ``nn.Module``\ s mapping images to vectors.
 
 Two are provided; any ``nn.Module`` mapping a batch of images ``(B, C, H, W)`` to vectors ``(B, D)`` works too (for
-instance the penultimate layer of a classifier of the user's data, the most telling choice when one exists).
+instance the penultimate layer of a classifier of the user's data, the most telling choice when one exists). Train
+such a classifier without the real images of the real-vs-real floor: its features of the images it was fitted on
+are sharper than those of unseen images (the reference, the samples), and a floor of fitted images reads too high.
 
 - :class:`RandomConvFeatures`: a small convolutional network with fixed random weights. It needs nothing from the
   internet, works at any image size from 1×1 up, and is the default of

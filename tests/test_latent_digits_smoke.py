@@ -16,6 +16,7 @@ from examples.latent_digits.autoencoder import DigitAutoencoder
 from examples.latent_digits.classifier import DigitClassifier
 from examples.latent_digits.data import DigitsDataModule, from_pixels, load_split, to_pixels
 from examples.latent_digits.denoiser import LatentDenoiser
+from examples.latent_digits.feature_net import DigitFeatureNet, floor_indices, train_feature_net
 from examples.latent_digits.report import class_spread, real_quality, save_grid
 from examples.latent_digits.train import main
 from lightning_ldm.first_stage import FirstStage
@@ -73,6 +74,37 @@ def test_class_spread_is_the_mean_distance_to_the_class_mean() -> None:
     labels = torch.arange(10).repeat(2)
     images[10:, 0, 0, 0] = 2.0  # class c: one image at 0, one with a single pixel at 2 → both 1 from their mean
     assert class_spread(images, labels) == pytest.approx(1.0)
+
+
+# -------------------------------------------------------------------------------------------------- FID features
+def test_floor_digits_are_per_class_draws_from_the_training_split() -> None:
+    split = load_split(0.2, seed=0)
+    floor = floor_indices(split.train_labels, per_class=50, seed=1234)
+    assert floor.shape == (500,) and len(set(floor.tolist())) == 500
+    assert np.bincount(split.train_labels[floor].numpy(), minlength=10).tolist() == [50] * 10
+    assert torch.equal(floor, floor_indices(split.train_labels, per_class=50, seed=1234))
+    assert not torch.equal(floor, floor_indices(split.train_labels, per_class=50, seed=1235))
+    # the fewest training digits of a class: 174 - round(0.2 * 174) = 139 (class 8)
+    with pytest.raises(ValueError, match=r"per_class=140 exceeds the 139 digits of class 8"):
+        floor_indices(split.train_labels, per_class=140, seed=0)
+
+
+def test_feature_net_learns_the_digits_and_its_body_gives_the_features() -> None:
+    from lightning.pytorch import Trainer
+
+    split = load_split(0.2, seed=0)
+    torch.manual_seed(0)
+    trainer = Trainer(
+        max_steps=150, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    net = train_feature_net(trainer, split.train_images, split.train_labels, batch_size=128, seed=0, features=32)
+    assert not net.training and not any(p.requires_grad for p in net.parameters())
+    assert net.accuracy(split.holdout_images, split.holdout_labels) > 0.9  # ten classes: chance is 0.1
+    with torch.no_grad():
+        features = net.body(split.holdout_images[:5])
+        assert features.shape == (5, 32) and net.body.num_features == 32 and bool((features >= 0).all())  # ReLU
+        torch.testing.assert_close(net(split.holdout_images[:5]), net.head(features))
 
 
 # ----------------------------------------------------------------------------------------------------------- grids
@@ -155,7 +187,7 @@ TINY = [
     "--torch_threads", "0",  # 0: leave the test process's threads alone
     "--autoencoder.width", "8",
     "--model.hidden", "32", "--model.depth", "1", "--model.warmup_steps", "5",
-    "--train.batch_size", "64", "--train.autoencoder_steps", "20", "--train.steps", "30",
+    "--train.batch_size", "64", "--train.autoencoder_steps", "20", "--train.feature_steps", "10", "--train.steps", "30",
     "--train.grid_every_n_steps", "10", "--train.grid_per_class", "2", "--train.grid_ddim_steps", "2",
     "--train.quality_every_n_steps", "15", "--train.quality_per_class", "2",
     "--train.log_every_n_steps", "5", "--train.ema_start", "5", "--train.bucket_loss_every_n_steps", "10",
@@ -178,13 +210,18 @@ def test_example_runs_end_to_end_and_reuses_its_autoencoder(tmp_path: Path) -> N
     assert sorted(written["fid"]) == sorted(written["kid"]) == ["1", "3"]
     assert all(math.isfinite(value) and value > 0 for value in written["fid"].values())
     assert all(set(kid) == {"mean", "std"} for kid in written["kid"].values())
+    # the floor: 3 training digits per class that the feature net never trained on, recomputed from the saved net
     split = load_split(0.2, seed=0)
-    floor = real_quality(split, per_class=3, seed=1234)
+    assert written["feature_net"]["training_digits"] == len(split.train_labels) - 30
+    assert math.isfinite(written["feature_net"]["fid_of_fitted_digits"])
+    net = DigitFeatureNet()
+    net.load_state_dict(torch.load(run_dir / "feature_net.pt", weights_only=True))
+    floor = real_quality(split, net.eval().body, floor_indices(split.train_labels, per_class=3, seed=1234), seed=1234)
     assert written["real_fid"] == floor["fid"] and written["real_kid"]["mean"] == floor["kid_mean"]
     assert 0 < written["real_fid"] < min(written["fid"].values())  # 30 real digits beat 30 samples of a 30-step model
     assert written["steps"] == 30 and written["autoencoder"]["loaded"] is False
     assert math.isfinite(written["scale_factor"]) and written["scale_factor"] > 0
-    phases = {"setup", "classifier", "autoencoder", "denoiser", "sampling", "outputs", "total"}
+    phases = {"setup", "classifier", "autoencoder", "features", "denoiser", "sampling", "outputs", "total"}
     assert set(written["wall_seconds"]) == phases and set(written["cpu_seconds"]) == phases
     assert all(value >= 0 for value in written["wall_seconds"].values())
 

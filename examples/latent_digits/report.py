@@ -5,9 +5,10 @@
 - class accuracy of guided samples, by the SVC judge (:mod:`examples.latent_digits.classifier`), against its
   accuracy on the held-out real digits (the ceiling);
 - the spread of the samples around their class means, against that of real digits;
-- FID and KID of the samples against the held-out real digits (``fid_and_kid``, torchmetrics' maths) on
-  :func:`quality_features`, beside the same numbers for as many real training digits (the floor: what a perfect
-  model of the digits would score, sampling noise included).
+- FID and KID of the samples against the held-out real digits (``fid_and_kid``, torchmetrics' maths) on the
+  penultimate layer of a CNN trained on real digits (:mod:`examples.latent_digits.feature_net`), beside the same
+  numbers for as many real training digits that CNN never saw (the floor: what a perfect model of the digits would
+  score, sampling noise included).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from examples.latent_digits.classifier import DigitClassifier
 from examples.latent_digits.data import NUM_CLASSES, DigitsSplit
 from examples.latent_digits.denoiser import LatentDenoiser
 from lightning_ldm.callbacks.sample_quality import fid_and_kid
-from lightning_ldm.features import RandomConvFeatures
 from lightning_ldm.media import image_grid, to_uint8, write_png
 
 log = logging.getLogger("examples.latent_digits")
@@ -41,7 +41,6 @@ __all__ = [
     "format_table",
     "judge_autoencoder",
     "plot_accuracy",
-    "quality_features",
     "real_quality",
     "save_grid",
     "write_summary",
@@ -82,15 +81,6 @@ class Clock:
         self._start = now
 
 
-def quality_features() -> nn.Module:
-    """The feature extractor of the FID/KID: ``RandomConvFeatures(1)``, the package's offline default (64 features).
-
-    The judge is an SVC, which has no penultimate layer to borrow; random conv features need no download. Their FIDs
-    mean something only beside the real-vs-real floor computed on the same features.
-    """
-    return RandomConvFeatures(1)
-
-
 def save_grid(path: Path, images: Tensor, nrow: int, scale: int = 4) -> Path:
     """Write images ``(N, 1, H, W)`` in ``[−1, 1]`` as one PNG grid of rows of ``nrow``, upscaled ``scale`` times."""
     grid = image_grid(to_uint8(images), nrow=nrow, padding=1, pad_value=64)
@@ -104,9 +94,9 @@ def class_spread(images: Tensor, labels: Tensor) -> float:
     return float((flat - means[labels]).norm(dim=1).mean())
 
 
-def _features(images: Tensor) -> Tensor:
+def _features(features: nn.Module, images: Tensor) -> Tensor:
     with torch.no_grad():
-        return quality_features()(images.float())
+        return features(images.float())
 
 
 def judge_autoencoder(first_stage: nn.Module, judge: DigitClassifier, split: DigitsSplit, loaded: bool) -> dict:
@@ -122,35 +112,36 @@ def judge_autoencoder(first_stage: nn.Module, judge: DigitClassifier, split: Dig
     return {"loaded": loaded, "holdout_reconstruction_mse": mse, "judge_accuracy_on_reconstructions": accuracy}
 
 
-def real_quality(split: DigitsSplit, per_class: int, seed: int) -> dict[str, float]:
-    """FID/KID of ``per_class`` real training digits of each class (drawn with ``seed``) against the held-out ones.
+def real_quality(split: DigitsSplit, features: nn.Module, floor: Tensor, seed: int) -> dict[str, float]:
+    """FID/KID of the real training digits ``split.train_images[floor]`` against the held-out ones, on ``features``.
 
-    The floor of the samples' FID: the same count and the same class balance as the samples, so the same bias.
+    The floor of the samples' FID: ``floor`` (:func:`~examples.latent_digits.feature_net.floor_indices`) holds as
+    many digits as the evaluation samples, with the same class balance, so the same small-sample bias.
     """
-    generator = torch.Generator().manual_seed(seed)
-    chosen = []
-    for label in range(NUM_CLASSES):
-        members = torch.nonzero(split.train_labels == label).flatten()
-        chosen.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
-    real = split.train_images[torch.cat(chosen)]
-    return fid_and_kid(_features(split.holdout_images), _features(real), seed=seed)
+    reference = _features(features, split.holdout_images)
+    return fid_and_kid(reference, _features(features, split.train_images[floor]), seed=seed)
 
 
 def evaluate(
-    model: LatentDenoiser, judge: DigitClassifier, options: EvalOptions, run_dir: Path, split: DigitsSplit
+    model: LatentDenoiser,
+    judge: DigitClassifier,
+    features: nn.Module,
+    options: EvalOptions,
+    run_dir: Path,
+    split: DigitsSplit,
 ) -> dict[str, dict[str, Any]]:
     """Sample every class at every guidance scale; judge the samples; write one grid per scale and ``samples.npz``.
 
     ``spread`` is the :func:`class_spread` of the samples over that of the held-out real digits: 1 when the samples
     vary around their class mean as much as real digits do, less when guidance makes them more uniform. ``fid`` and
-    ``kid_mean``/``kid_std`` compare the samples with the held-out digits on :func:`quality_features`.
+    ``kid_mean``/``kid_std`` compare the samples with the held-out digits on ``features``.
 
     Returns:
         ``{str(scale): {"accuracy", "per_class" (10 floats), "spread", "fid", "kid_mean", "kid_std"}}``.
     """
     labels = torch.arange(NUM_CLASSES).repeat_interleave(options.samples_per_class)
     reference_spread = class_spread(split.holdout_images, split.holdout_labels)
-    reference_features = _features(split.holdout_images)
+    reference_features = _features(features, split.holdout_images)
     results: dict[str, dict[str, Any]] = {}
     arrays: dict[str, np.ndarray] = {"labels": labels.numpy()}
     for scale in options.guidance_scales:
@@ -161,7 +152,7 @@ def evaluate(
             "accuracy": float(correct.mean()),
             "per_class": [float(v) for v in correct.reshape(NUM_CLASSES, -1).mean(axis=1)],
             "spread": class_spread(images, labels) / reference_spread,
-            **fid_and_kid(reference_features, _features(images), seed=options.sample_seed),
+            **fid_and_kid(reference_features, _features(features, images), seed=options.sample_seed),
         }
         shown = min(10, options.samples_per_class)
         grid = images.reshape(NUM_CLASSES, options.samples_per_class, 1, 8, 8)[:, :shown].reshape(-1, 1, 8, 8)
@@ -174,17 +165,17 @@ def evaluate(
 def format_table(results: dict[str, dict[str, Any]], ceiling: float, real: dict[str, float]) -> str:
     """The table: one row per guidance scale, then the real digits (accuracy ceiling, FID/KID floor)."""
     lines = [
-        "| guidance scale | class accuracy | spread vs real | FID | KID (x1000) |",
-        "|---:|---:|---:|---:|---:|",
+        "| guidance scale | class accuracy | spread vs real | FID | FID / floor | KID |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {scale} | {100.0 * r['accuracy']:.1f} % | {r['spread']:.2f} | {r['fid']:.4f} | "
-        f"{1000.0 * r['kid_mean']:.2f} ± {1000.0 * r['kid_std']:.2f} |"
+        f"| {scale} | {100.0 * r['accuracy']:.1f} % | {r['spread']:.2f} | {r['fid']:.3g} "
+        f"| {r['fid'] / real['fid']:.2f} | {r['kid_mean']:.4g} ± {r['kid_std']:.3g} |"
         for scale, r in results.items()
     ]
     lines.append(
         f"| real digits (held-out accuracy: ceiling; training vs held-out FID/KID: floor) | {100.0 * ceiling:.1f} % "
-        f"| 1.00 | {real['fid']:.4f} | {1000.0 * real['kid_mean']:.2f} ± {1000.0 * real['kid_std']:.2f} |"
+        f"| 1.00 | {real['fid']:.3g} | 1 | {real['kid_mean']:.4g} ± {real['kid_std']:.3g} |"
     )
     return "\n".join(lines)
 

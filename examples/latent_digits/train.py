@@ -1,8 +1,9 @@
 """Latent diffusion on 8x8 digits, end to end: ``python -m examples.latent_digits.train --config <config.yaml>``.
 
 A template: split the digits, train the autoencoder (reused from ``<run_dir>/autoencoder.pt`` when it matches), train
-the denoiser with the package's callbacks (``SampleLogger`` grids and the ``SampleQualityMonitor`` FID curve go to
-TensorBoard), then let :mod:`examples.latent_digits.report` (the harness) judge samples at each guidance scale.
+a small CNN whose penultimate layer is the FID/KID features, train the denoiser with the package's callbacks
+(``SampleLogger`` grids and the ``SampleQualityMonitor`` FID curve go to TensorBoard), then let
+:mod:`examples.latent_digits.report` (the harness) judge samples at each guidance scale.
 Override any option on the command line (``--train.steps 500``; ``--help`` lists them).
 """
 
@@ -27,6 +28,7 @@ from examples.latent_digits.autoencoder import DigitAutoencoder, load_or_train_a
 from examples.latent_digits.classifier import DigitClassifier
 from examples.latent_digits.data import NUM_CLASSES, DigitsDataModule
 from examples.latent_digits.denoiser import LatentDenoiser
+from examples.latent_digits.feature_net import DigitFeatureNet, floor_indices, train_feature_net
 from lightning_ldm.callbacks import DiffusionSeedCallback, SampleLogger, SampleQualityMonitor, TimestepLossMonitor
 
 log = logging.getLogger("examples.latent_digits")
@@ -34,11 +36,12 @@ log = logging.getLogger("examples.latent_digits")
 
 @dataclass
 class TrainOptions:
-    """How to train; ``grid_*``: ``SampleLogger``; ``quality_*``: ``SampleQualityMonitor`` (same guidance and steps)."""
+    """How to train; ``grid_*``: ``SampleLogger``; ``quality_*``: ``SampleQualityMonitor`` (DDIM steps of the grids)."""
 
     batch_size: int = 128
     holdout_fraction: float = 0.2
     autoencoder_steps: int = 1200
+    feature_steps: int = 400
     steps: int = 2000
     ema_decay: float = 0.999
     ema_start: int = 100
@@ -48,6 +51,7 @@ class TrainOptions:
     grid_ddim_steps: int = 20
     quality_every_n_steps: int = 250
     quality_per_class: int = 50
+    quality_guidance_scale: float = 1.0
     log_every_n_steps: int = 10
     bucket_loss_every_n_steps: int = 100
     progress_bar: bool = False
@@ -61,6 +65,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--run_dir", type=str | None, default=None, help="Default: runs/latent_digits/seed<seed>.")
     parser.add_argument("--torch_threads", type=int | None, default=None, help="torch.set_num_threads (0: keep).")
     parser.add_class_arguments(DigitAutoencoder, "autoencoder")
+    parser.add_class_arguments(DigitFeatureNet, "features")
     parser.add_class_arguments(LatentDenoiser, "model", skip={"first_stage"})
     parser.add_class_arguments(TrainOptions, "train")
     parser.add_class_arguments(report.EvalOptions, "eval")
@@ -110,11 +115,26 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
     autoencoder = report.judge_autoencoder(first_stage, judge, split, loaded)
     clock.lap("autoencoder")
 
+    # the FID/KID features; the floor's real digits stay out of their training (see feature_net.py)
+    floor = floor_indices(split.train_labels, options.samples_per_class, options.sample_seed)
+    unseen = torch.ones(len(split.train_labels), dtype=torch.bool).index_fill_(0, floor, False)
+    seed_everything(config.seed, workers=True, verbose=False)
+    feature_net = train_feature_net(
+        _trainer(train.feature_steps, train, [_tensorboard(run_dir, "features")], []),
+        split.train_images[unseen], split.train_labels[unseen], train.batch_size, config.seed, **dict(config.features),
+    )  # fmt: skip
+    torch.save(feature_net.state_dict(), run_dir / "feature_net.pt")  # to judge other samples on the same features
+    features = feature_net.body
+    feature_accuracy = feature_net.accuracy(split.holdout_images, split.holdout_labels)
+    log.info("feature net: %.1f %% on the held-out digits", 100.0 * feature_accuracy)
+    clock.lap("features")
+
     seed_everything(config.seed, workers=True, verbose=False)  # same denoiser whether the autoencoder was loaded
     model = LatentDenoiser(first_stage, **dict(config.model))
     grid_labels = torch.arange(NUM_CLASSES).repeat_interleave(train.grid_per_class)  # a row per class
     sampling = {"num_steps": train.grid_ddim_steps, "guidance_scale": train.grid_guidance_scale}
     quality_labels = torch.arange(NUM_CLASSES).repeat_interleave(train.quality_per_class)
+    quality_sampling = {**sampling, "guidance_scale": train.quality_guidance_scale}
     callbacks = [
         DiffusionSeedCallback(seed=config.seed),
         EMAWeightAveraging(decay=train.ema_decay, update_starting_at_step=train.ema_start),
@@ -127,9 +147,9 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
         ),
         SampleQualityMonitor(
             (quality_labels.shape[0], *model.latent_shape), split.holdout_images,
-            every_n_steps=train.quality_every_n_steps, at_validation_end=False, features=report.quality_features(),
+            every_n_steps=train.quality_every_n_steps, at_validation_end=False, features=features,
             cond=quality_labels, uncond=model.null_labels(quality_labels), seed=options.sample_seed,
-            sample_kwargs=sampling,
+            sample_kwargs=quality_sampling,
         ),
     ]  # fmt: skip
     # the CSV logger comes first: its folder <run_dir>/denoiser/ gets metrics.csv and the grids' PNG files
@@ -139,12 +159,19 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
     trainer.save_checkpoint(run_dir / "denoiser.ckpt", weights_only=True)  # the EMA weights, first stage included
     clock.lap("denoiser")
 
-    results = report.evaluate(model, judge, options, run_dir, split)
-    real = report.real_quality(split, options.samples_per_class, options.sample_seed)
+    results = report.evaluate(model, judge, features, options, run_dir, split)
+    real = report.real_quality(split, features, floor, options.sample_seed)
+    # the same count of digits the feature net was fitted on: why the floor keeps its digits out (feature_net.py)
+    fitted = torch.nonzero(unseen).flatten()[floor_indices(split.train_labels[unseen], options.samples_per_class, 0)]
+    real_fitted = report.real_quality(split, features, fitted, options.sample_seed)
     clock.lap("sampling")
     return report.write_summary(
         run_dir, results, ceiling=ceiling, real=real, clock=clock,
         autoencoder=autoencoder,
+        feature_net={
+            "holdout_accuracy": feature_accuracy, "training_digits": int(unseen.sum()),
+            "fid_of_fitted_digits": real_fitted["fid"],
+        },
         scale_factor=model.first_stage.scale, steps=int(trainer.global_step),
         files={"tensorboard": str(run_dir / "tensorboard"), "grids": str(run_dir / "denoiser" / "samples")},
         config=config,
