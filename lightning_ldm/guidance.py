@@ -16,15 +16,15 @@ from torch import Tensor, nn
 
 from lightning_ldm._checks import check_real
 
-__all__ = ["Conditioning", "eval_mode", "guided_model"]
+__all__ = ["Conditioning", "eval_mode", "guided_condition", "guided_model"]
 
 #: A conditioning input: a tensor (passed as the keyword ``cond=``), a mapping of keyword arguments, or ``None``.
 Conditioning = Tensor | Mapping[str, Any] | None
 
 
-def _as_kwargs(value: Conditioning, name: str) -> dict[str, Any]:
+def _as_kwargs(value: Conditioning, name: str) -> dict[str, Any] | None:
     if value is None:
-        return {}
+        return None
     if isinstance(value, Tensor):
         return {"cond": value}
     if isinstance(value, Mapping):
@@ -107,13 +107,53 @@ def guided_model(
             (or a list/dict of tensors matched by the other side).
     """
     scale = check_real("guidance_scale", guidance_scale)
-    cond_kw = _as_kwargs(cond, "cond")
-    uncond_kw = _as_kwargs(uncond, "uncond")
-    base_kw = dict(model_kwargs or {})
+    whole = isinstance(cond, Tensor) and (uncond is None or isinstance(uncond, Tensor))
+    cond_kw, uncond_kw = _as_kwargs(cond, "cond"), _as_kwargs(uncond, "uncond")
+    return _guide(model, batch_size, scale, cond_kw, uncond_kw, dict(model_kwargs or {}), whole)
+
+
+def guided_condition(
+    model: Callable[..., Tensor], batch_size: int, guidance_scale: float, cond: Any, uncond: Any
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """:func:`guided_model` for a condition of any structure passed whole, as ``model(x, t, cond=...)``.
+
+    What :meth:`~lightning_ldm.mixin.DiffusionMixin.sample` uses: its condition (a tensor, CompVis' ``c_concat`` /
+    ``c_crossattn`` dict, a list, ...) goes to ``apply_model`` as one argument, and error messages name it ``cond``
+    and ``uncond`` as the caller wrote them. ``guidance_scale`` must already be checked.
+    """
+    return _guide(
+        model,
+        batch_size,
+        guidance_scale,
+        None if cond is None else {"cond": cond},
+        None if uncond is None else {"cond": uncond},
+        {},
+        whole=True,
+    )
+
+
+def _guide(
+    model: Callable[..., Tensor],
+    batch_size: int,
+    scale: float,
+    cond_kw: dict[str, Any] | None,
+    uncond_kw: dict[str, Any] | None,
+    base_kw: dict[str, Any],
+    whole: bool,
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """The guidance of :func:`guided_model` on keyword dicts (``None``: not given).
+
+    ``whole``: the condition was one argument, named ``cond``/``uncond`` in messages rather than by its keyword.
+    """
+
+    def where(key: str) -> str:
+        return "" if whole else f"[{key!r}]"
+
     if scale == 1.0:
-        single_kw = {**base_kw, **{k: _broadcast(v, batch_size, f"cond[{k!r}]") for k, v in cond_kw.items()}}
+        conditions = {k: _broadcast(v, batch_size, f"cond{where(k)}") for k, v in (cond_kw or {}).items()}
+        single_kw = {**base_kw, **conditions}
         return lambda x, t: model(x, t, **single_kw)
-    if uncond is None or cond is None:
+    if uncond_kw is None or cond_kw is None:
         raise ValueError(
             f"guidance_scale={scale:g} needs both cond and uncond (the unconditional input, e.g. a null embedding); "
             "pass guidance_scale=1.0 for unguided sampling"
@@ -125,7 +165,7 @@ def guided_model(
         if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == batch_size:
             pair_kw[key] = torch.cat([value, value])
     for key in cond_kw:
-        pair_kw[key] = _cat_pair(uncond_kw[key], cond_kw[key], batch_size, f"[{key!r}]")
+        pair_kw[key] = _cat_pair(uncond_kw[key], cond_kw[key], batch_size, where(key))
 
     def model_fn(x: Tensor, t: Tensor) -> Tensor:
         out = model(torch.cat([x, x]), torch.cat([t, t]), **pair_kw)

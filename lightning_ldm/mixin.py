@@ -51,7 +51,7 @@ from lightning_ldm._checks import (
 )
 from lightning_ldm.call_convention import accepts_keyword, call_denoiser, resolve_call_convention, unwrap_output
 from lightning_ldm.ddim import ddim_sample, make_ddim_timesteps
-from lightning_ldm.guidance import eval_mode, guided_model
+from lightning_ldm.guidance import eval_mode, guided_condition
 from lightning_ldm.losses import LossType, _diffusion_loss, check_loss_options
 from lightning_ldm.noise_schedule import NoiseSchedule
 from lightning_ldm.parameterization import LossWeighting, Parameterization
@@ -438,12 +438,12 @@ class DiffusionMixin(_Base):
                     "return_intermediates and clip_x0 are options of sampler='ddim'; a scheduler "
                     f"({type(sampler).__name__}) takes neither"
                 )
-        model_fn = guided_model(
+        model_fn = guided_condition(
             lambda x, t, cond=None: self.apply_model(x, t, cond),
             shape[0],
-            guidance_scale=guidance_scale,
-            cond=None if cond is None else {"cond": cond},
-            uncond=None if uncond is None else {"cond": uncond},
+            check_real("guidance_scale", guidance_scale),
+            cond,
+            uncond,
         )
         device = self._schedule_device
         with contextlib.ExitStack() as stack:

@@ -137,12 +137,12 @@ def test_mapping_conditioning_is_merged_into_the_keywords() -> None:
         (
             {"guidance_scale": 2.0, "cond": torch.ones(2, 4), "uncond": torch.ones(B, 4)},
             ValueError,
-            r"cond\['cond'\] must have batch size 3 \(or 1, broadcast over the batch\), got shape \(2, 4\)",
+            r"^cond must have batch size 3 \(or 1, broadcast over the batch\), got shape \(2, 4\)",
         ),
         (
             {"guidance_scale": 2.0, "cond": torch.ones(B, 4), "uncond": torch.tensor(0.0)},
             ValueError,
-            r"uncond\['cond'\] must have batch size 3 .* got shape \(\)",
+            r"^uncond must have batch size 3 .* got shape \(\)",
         ),
         ({"guidance_scale": "7.5"}, TypeError, r"guidance_scale must be a real number, got '7.5' of type str"),
         ({"guidance_scale": float("nan")}, ValueError, r"guidance_scale=nan must be finite"),
@@ -209,9 +209,13 @@ def test_a_condition_of_another_batch_is_refused_at_every_scale(scale: float) ->
     model = Spy()
     with pytest.raises(
         ValueError,
-        match=r"cond\['cond'\] must have batch size 3 \(or 1, broadcast over the batch\), got shape \(2, 4\)",
+        match=r"^cond must have batch size 3 \(or 1, broadcast over the batch\), got shape \(2, 4\)",
     ):
         guided_model(model, B, guidance_scale=scale, cond=torch.ones(2, 4), uncond=torch.ones(B, 4))
+    with pytest.raises(ValueError, match=r"^cond\['context'\] must have batch size 3 .* got shape \(2, 4\)"):
+        guided_model(
+            model, B, guidance_scale=scale, cond={"context": torch.ones(2, 4)}, uncond={"context": torch.ones(B, 4)}
+        )
     assert model.calls == []
 
 

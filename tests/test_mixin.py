@@ -878,17 +878,27 @@ def test_sampling_runs_in_eval_without_grad_and_restores_the_modes() -> None:
         (
             {"guidance_scale": 2.0, "cond": [1, 2], "uncond": [0, 0]},
             TypeError,
-            r"cond\['cond'\]\[0\] and uncond\['cond'\]\[0\] must be tensors .*got int and int",
+            r"^cond\[0\] and uncond\[0\] must be tensors .*got int and int",
         ),
         (
             {"guidance_scale": 2.0, "cond": {"cond": torch.zeros(2)}, "uncond": {"extra": torch.zeros(2)}},
             ValueError,
-            r"cond\['cond'\] and uncond\['cond'\] must name the same keys, got \['cond'\] and \['extra'\]",
+            r"^cond and uncond must name the same keys, got \['cond'\] and \['extra'\]",
         ),
         (
             {"guidance_scale": 2.0, "cond": torch.zeros(3, 2, 1, 1), "uncond": torch.zeros(2, 2, 1, 1)},
             ValueError,
-            r"cond\['cond'\] must have batch size 2 \(or 1",
+            r"^cond must have batch size 2 \(or 1",
+        ),
+        (  # a CompVis-style dict of lists: the message follows the user's structure
+            {"guidance_scale": 2.0, "cond": {"c": [torch.zeros(3)]}, "uncond": {"c": [torch.zeros(2)]}},
+            ValueError,
+            r"^cond\['c'\]\[0\] must have batch size 2 \(or 1",
+        ),
+        (
+            {"guidance_scale": 1.0, "cond": {"c": [torch.zeros(3)]}},
+            ValueError,
+            r"^cond\['c'\]\[0\] must have batch size 2 \(or 1",
         ),
         ({"x_T": torch.zeros(1, 2, 3, 3)}, ValueError, r"x_T has shape \(1, 2, 3, 3\), expected shape \(2, 2, 3, 3\)"),
         ({"eta": -1.0}, ValueError, r"eta=-1 is out of range"),
