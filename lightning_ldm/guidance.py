@@ -55,18 +55,24 @@ def _broadcast(value: Any, batch_size: int, where: str) -> Any:
     return value
 
 
-def _cat_pair(u: Any, c: Any, batch_size: int, where: str) -> Any:
-    """``torch.cat([u, c])`` leaf by leaf through matching lists and dicts (CompVis' ``c_crossattn`` lists)."""
+def _cat_pair(u: Any, c: Any, batch_size: int, u_name: str, c_name: str) -> Any:
+    """``torch.cat([u, c])`` leaf by leaf through matching lists and dicts (CompVis' ``c_crossattn`` lists).
+
+    ``u_name``/``c_name``: how messages name ``u`` and ``c`` (e.g. ``"uncond['context']"``).
+    """
     if isinstance(c, Tensor) and isinstance(u, Tensor):
-        return torch.cat([_expand_batch(u, batch_size, f"uncond{where}"), _expand_batch(c, batch_size, f"cond{where}")])
+        return torch.cat([_expand_batch(u, batch_size, u_name), _expand_batch(c, batch_size, c_name)])
     if isinstance(c, (list, tuple)) and isinstance(u, (list, tuple)) and len(c) == len(u):
-        return [_cat_pair(ui, ci, batch_size, f"{where}[{i}]") for i, (ui, ci) in enumerate(zip(u, c, strict=True))]
+        return [
+            _cat_pair(ui, ci, batch_size, f"{u_name}[{i}]", f"{c_name}[{i}]")
+            for i, (ui, ci) in enumerate(zip(u, c, strict=True))
+        ]
     if isinstance(c, Mapping) and isinstance(u, Mapping):
         if set(c) != set(u):
-            raise ValueError(f"cond{where} and uncond{where} must name the same keys, got {sorted(c)} and {sorted(u)}")
-        return {k: _cat_pair(u[k], c[k], batch_size, f"{where}[{k!r}]") for k in c}
+            raise ValueError(f"{c_name} and {u_name} must name the same keys, got {sorted(c)} and {sorted(u)}")
+        return {k: _cat_pair(u[k], c[k], batch_size, f"{u_name}[{k!r}]", f"{c_name}[{k!r}]") for k in c}
     raise TypeError(
-        f"cond{where} and uncond{where} must be tensors (or lists/dicts of tensors of the same structure) to batch "
+        f"{c_name} and {u_name} must be tensors (or lists/dicts of tensors of the same structure) to batch "
         f"them, got {type(c).__name__} and {type(u).__name__}"
     )
 
@@ -107,7 +113,7 @@ def guided_model(
             (or a list/dict of tensors matched by the other side).
     """
     scale = check_real("guidance_scale", guidance_scale)
-    whole = isinstance(cond, Tensor) and (uncond is None or isinstance(uncond, Tensor))
+    whole = (isinstance(cond, Tensor), isinstance(uncond, Tensor))  # a tensor is named cond, not cond['cond']
     cond_kw, uncond_kw = _as_kwargs(cond, "cond"), _as_kwargs(uncond, "uncond")
     return _guide(model, batch_size, scale, cond_kw, uncond_kw, dict(model_kwargs or {}), whole)
 
@@ -119,16 +125,16 @@ def guided_condition(
 
     What :meth:`~lightning_ldm.mixin.DiffusionMixin.sample` uses: its condition (a tensor, CompVis' ``c_concat`` /
     ``c_crossattn`` dict, a list, ...) goes to ``apply_model`` as one argument, and error messages name it ``cond``
-    and ``uncond`` as the caller wrote them. ``guidance_scale`` must already be checked.
+    and ``uncond`` as the caller wrote them. Arguments, returns and errors: those of :func:`guided_model`.
     """
     return _guide(
         model,
         batch_size,
-        guidance_scale,
+        check_real("guidance_scale", guidance_scale),
         None if cond is None else {"cond": cond},
         None if uncond is None else {"cond": uncond},
         {},
-        whole=True,
+        whole=(True, True),
     )
 
 
@@ -139,18 +145,19 @@ def _guide(
     cond_kw: dict[str, Any] | None,
     uncond_kw: dict[str, Any] | None,
     base_kw: dict[str, Any],
-    whole: bool,
+    whole: tuple[bool, bool],
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """The guidance of :func:`guided_model` on keyword dicts (``None``: not given).
 
-    ``whole``: the condition was one argument, named ``cond``/``uncond`` in messages rather than by its keyword.
+    ``whole``: for ``cond`` and ``uncond``, whether it was one argument (named ``cond``/``uncond`` in messages) rather
+    than a mapping of keywords (named ``cond['key']``).
     """
 
-    def where(key: str) -> str:
-        return "" if whole else f"[{key!r}]"
+    def name(side: str, key: str) -> str:
+        return side if whole[side == "uncond"] else f"{side}[{key!r}]"
 
     if scale == 1.0:
-        conditions = {k: _broadcast(v, batch_size, f"cond{where(k)}") for k, v in (cond_kw or {}).items()}
+        conditions = {k: _broadcast(v, batch_size, name("cond", k)) for k, v in (cond_kw or {}).items()}
         single_kw = {**base_kw, **conditions}
         return lambda x, t: model(x, t, **single_kw)
     if uncond_kw is None or cond_kw is None:
@@ -165,7 +172,7 @@ def _guide(
         if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == batch_size:
             pair_kw[key] = torch.cat([value, value])
     for key in cond_kw:
-        pair_kw[key] = _cat_pair(uncond_kw[key], cond_kw[key], batch_size, where(key))
+        pair_kw[key] = _cat_pair(uncond_kw[key], cond_kw[key], batch_size, name("uncond", key), name("cond", key))
 
     def model_fn(x: Tensor, t: Tensor) -> Tensor:
         out = model(torch.cat([x, x]), torch.cat([t, t]), **pair_kw)

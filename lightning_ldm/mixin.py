@@ -441,7 +441,7 @@ class DiffusionMixin(_Base):
         model_fn = guided_condition(
             lambda x, t, cond=None: self.apply_model(x, t, cond),
             shape[0],
-            check_real("guidance_scale", guidance_scale),
+            guidance_scale,
             cond,
             uncond,
         )

@@ -216,6 +216,12 @@ def test_a_condition_of_another_batch_is_refused_at_every_scale(scale: float) ->
         guided_model(
             model, B, guidance_scale=scale, cond={"context": torch.ones(2, 4)}, uncond={"context": torch.ones(B, 4)}
         )
+    # each side is named by what the caller passed: a tensor as itself, a mapping by its keys
+    with pytest.raises(ValueError, match=r"^cond must have batch size 3 .* got shape \(2, 4\)"):
+        guided_model(model, B, guidance_scale=scale, cond=torch.ones(2, 4), uncond={"cond": torch.ones(B, 4)})
+    if scale != 1.0:  # at scale 1 the unconditional side is not used
+        with pytest.raises(ValueError, match=r"^uncond must have batch size 3 .* got shape \(2, 4\)"):
+            guided_model(model, B, guidance_scale=scale, cond={"cond": torch.ones(B, 4)}, uncond=torch.ones(2, 4))
     assert model.calls == []
 
 

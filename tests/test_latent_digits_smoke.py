@@ -103,8 +103,24 @@ def test_feature_net_learns_the_digits_and_its_body_gives_the_features() -> None
     assert net.accuracy(split.holdout_images, split.holdout_labels) > 0.9  # ten classes: chance is 0.1
     with torch.no_grad():
         features = net.body(split.holdout_images[:5])
-        assert features.shape == (5, 32) and net.body.num_features == 32 and bool((features >= 0).all())  # ReLU
+        assert features.shape == (5, 32) and bool((features >= 0).all())  # after the ReLU
         torch.testing.assert_close(net(split.holdout_images[:5]), net.head(features))
+    # accuracy is measured without dropout, and leaves the mode as it found it
+    expected = net.accuracy(split.holdout_images, split.holdout_labels)
+    net.train()
+    assert net.accuracy(split.holdout_images, split.holdout_labels) == expected and net.training
+
+
+def test_feature_net_trains_by_epochs_too() -> None:
+    from lightning.pytorch import Trainer
+
+    split = load_split(0.2, seed=0)
+    trainer = Trainer(
+        max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    train_feature_net(trainer, split.train_images, split.train_labels, batch_size=256, seed=0)
+    assert trainer.global_step == 2 * (len(split.train_labels) // 256)  # the one-cycle schedule spans them all
 
 
 # ----------------------------------------------------------------------------------------------------------- grids
@@ -213,7 +229,9 @@ def test_example_runs_end_to_end_and_reuses_its_autoencoder(tmp_path: Path) -> N
     # the floor: 3 training digits per class that the feature net never trained on, recomputed from the saved net
     split = load_split(0.2, seed=0)
     assert written["feature_net"]["training_digits"] == len(split.train_labels) - 30
-    assert math.isfinite(written["feature_net"]["fid_of_fitted_digits"])
+    assert written["feature_net"]["seed"] == 0 and written["feature_net"]["fitted_per_class"] == 3
+    draws = written["feature_net"]["fid_of_fitted_digits_draws"]
+    assert len(draws) == 5 and written["feature_net"]["fid_of_fitted_digits"] == pytest.approx(sum(draws) / 5)
     net = DigitFeatureNet()
     net.load_state_dict(torch.load(run_dir / "feature_net.pt", weights_only=True))
     floor = real_quality(split, net.eval().body, floor_indices(split.train_labels, per_class=3, seed=1234), seed=1234)

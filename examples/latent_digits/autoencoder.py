@@ -83,7 +83,7 @@ class DigitAutoencoder(L.LightningModule):
     @override
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams["lr"], weight_decay=0.0)
-        steps = self.trainer.max_steps if self.trainer.max_steps > 0 else 1
+        steps = int(self.trainer.estimated_stepping_batches)  # max_steps, or what max_epochs amounts to
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=self.hparams["lr"], total_steps=steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
 from examples.latent_digits.data import NUM_CLASSES
+from lightning_ldm.guidance import eval_mode
 
 __all__ = ["DigitFeatureNet", "floor_indices", "train_feature_net"]
 
@@ -77,7 +78,6 @@ class DigitFeatureNet(L.LightningModule):
             nn.Linear(2 * width * 16, features),
             nn.ReLU(),
         )
-        self.body.num_features = features  # type: ignore[assignment]  # read by torchmetrics' FID
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(features, NUM_CLASSES))
 
     @override
@@ -96,14 +96,15 @@ class DigitFeatureNet(L.LightningModule):
     def configure_optimizers(self) -> Any:
         lr, decay = self.hparams["lr"], self.hparams["weight_decay"]
         optimizer = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=decay)
-        steps = self.trainer.max_steps if self.trainer.max_steps > 0 else 1
+        steps = int(self.trainer.estimated_stepping_batches)  # max_steps, or what max_epochs amounts to
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     @torch.no_grad()
     def accuracy(self, images: Tensor, labels: Tensor) -> float:
-        """Fraction of ``images`` classified as ``labels`` (eval mode)."""
-        return float((self(images).argmax(dim=1) == labels).float().mean())
+        """Fraction of ``images`` classified as ``labels``, in eval mode (no dropout; the mode is restored)."""
+        with eval_mode(self):
+            return float((self(images).argmax(dim=1) == labels).float().mean())
 
 
 def train_feature_net(

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from examples.latent_digits.classifier import DigitClassifier
 from examples.latent_digits.data import NUM_CLASSES, DigitsSplit
 from examples.latent_digits.denoiser import LatentDenoiser
+from examples.latent_digits.feature_net import floor_indices
 from lightning_ldm.callbacks.sample_quality import fid_and_kid
 from lightning_ldm.media import image_grid, to_uint8, write_png
 
@@ -38,6 +39,7 @@ __all__ = [
     "EvalOptions",
     "class_spread",
     "evaluate",
+    "fitted_quality",
     "format_table",
     "judge_autoencoder",
     "plot_accuracy",
@@ -52,10 +54,12 @@ class EvalOptions:
     """What to sample and how to judge it.
 
     Args:
-        samples_per_class: Samples of each class at each guidance scale (also the real digits of the FID floor).
+        samples_per_class: Samples of each class at each guidance scale; also the real training digits of each class
+            in the FID floor, which the feature net does not train on (so it changes the features too).
         ddim_steps: DDIM steps.
         guidance_scales: Classifier-free guidance scales (1: the conditional model alone).
-        sample_seed: Seed of the starting noise (the same noise at every scale) and of the real subset of the floor.
+        sample_seed: Seed of the starting noise (the same noise at every scale) and of the floor's real digits (so of
+            the feature net's training digits too).
         classifier_c: ``C`` of the judge's SVC.
     """
 
@@ -120,6 +124,29 @@ def real_quality(split: DigitsSplit, features: nn.Module, floor: Tensor, seed: i
     """
     reference = _features(features, split.holdout_images)
     return fid_and_kid(reference, _features(features, split.train_images[floor]), seed=seed)
+
+
+def fitted_quality(
+    split: DigitsSplit, features: nn.Module, trained_on: Tensor, per_class: int, seed: int, draws: int = 5
+) -> dict[str, Any]:
+    """FID against the held-out digits of real digits the feature net *was* trained on: why the floor's are not.
+
+    ``draws`` subsets of ``per_class`` digits of each class (fewer when a class has fewer) among ``trained_on`` (a
+    mask over ``split.train_images``), drawn with seeds ``0 … draws − 1``; FID/KID with ``seed``.
+
+    Returns:
+        ``{"fid_of_fitted_digits": mean FID, "fid_of_fitted_digits_draws": [FID of each draw], "fitted_per_class"}``.
+    """
+    labels = split.train_labels[trained_on]
+    per_class = min(per_class, int(torch.bincount(labels, minlength=NUM_CLASSES).min()))
+    positions = torch.nonzero(trained_on).flatten()
+    fids = [
+        real_quality(split, features, positions[floor_indices(labels, per_class, draw)], seed)["fid"]
+        for draw in range(draws)
+    ]
+    return {
+        "fid_of_fitted_digits": float(np.mean(fids)), "fid_of_fitted_digits_draws": fids, "fitted_per_class": per_class
+    }  # fmt: skip
 
 
 def evaluate(

@@ -36,12 +36,17 @@ log = logging.getLogger("examples.latent_digits")
 
 @dataclass
 class TrainOptions:
-    """How to train; ``grid_*``: ``SampleLogger``; ``quality_*``: ``SampleQualityMonitor`` (DDIM steps of the grids)."""
+    """How to train; ``grid_*``: ``SampleLogger``; ``quality_*``: ``SampleQualityMonitor`` (DDIM steps of the grids).
+
+    ``feature_seed``: seed of the feature net's weights and batches (``None``: the run's ``--seed``); another value
+    gives another judge of the same samples.
+    """
 
     batch_size: int = 128
     holdout_fraction: float = 0.2
     autoencoder_steps: int = 1200
     feature_steps: int = 400
+    feature_seed: int | None = None
     steps: int = 2000
     ema_decay: float = 0.999
     ema_start: int = 100
@@ -98,6 +103,9 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
     seed_everything(config.seed, workers=True, verbose=False)
     data = DigitsDataModule(batch_size=train.batch_size, holdout_fraction=train.holdout_fraction, seed=config.seed)
     split = data.split
+    # the real training digits of the FID floor, and the others: what the feature net trains on (see feature_net.py)
+    floor = floor_indices(split.train_labels, options.samples_per_class, options.sample_seed)
+    feature_digits = torch.ones(len(split.train_labels), dtype=torch.bool).index_fill_(0, floor, False)
     clock.lap("setup")
 
     judge = DigitClassifier(c=options.classifier_c).fit(split.train_images, split.train_labels)
@@ -115,13 +123,12 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
     autoencoder = report.judge_autoencoder(first_stage, judge, split, loaded)
     clock.lap("autoencoder")
 
-    # the FID/KID features; the floor's real digits stay out of their training (see feature_net.py)
-    floor = floor_indices(split.train_labels, options.samples_per_class, options.sample_seed)
-    unseen = torch.ones(len(split.train_labels), dtype=torch.bool).index_fill_(0, floor, False)
-    seed_everything(config.seed, workers=True, verbose=False)
+    feature_seed = config.seed if train.feature_seed is None else train.feature_seed
+    seed_everything(feature_seed, workers=True, verbose=False)
     feature_net = train_feature_net(
         _trainer(train.feature_steps, train, [_tensorboard(run_dir, "features")], []),
-        split.train_images[unseen], split.train_labels[unseen], train.batch_size, config.seed, **dict(config.features),
+        split.train_images[feature_digits], split.train_labels[feature_digits], train.batch_size, feature_seed,
+        **dict(config.features),
     )  # fmt: skip
     torch.save(feature_net.state_dict(), run_dir / "feature_net.pt")  # to judge other samples on the same features
     features = feature_net.body
@@ -161,16 +168,14 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
 
     results = report.evaluate(model, judge, features, options, run_dir, split)
     real = report.real_quality(split, features, floor, options.sample_seed)
-    # the same count of digits the feature net was fitted on: why the floor keeps its digits out (feature_net.py)
-    fitted = torch.nonzero(unseen).flatten()[floor_indices(split.train_labels[unseen], options.samples_per_class, 0)]
-    real_fitted = report.real_quality(split, features, fitted, options.sample_seed)
+    fitted = report.fitted_quality(split, features, feature_digits, options.samples_per_class, options.sample_seed)
     clock.lap("sampling")
     return report.write_summary(
         run_dir, results, ceiling=ceiling, real=real, clock=clock,
         autoencoder=autoencoder,
         feature_net={
-            "holdout_accuracy": feature_accuracy, "training_digits": int(unseen.sum()),
-            "fid_of_fitted_digits": real_fitted["fid"],
+            "holdout_accuracy": feature_accuracy, "training_digits": int(feature_digits.sum()), "seed": feature_seed,
+            **fitted,
         },
         scale_factor=model.first_stage.scale, steps=int(trainer.global_step),
         files={"tensorboard": str(run_dir / "tensorboard"), "grids": str(run_dir / "denoiser" / "samples")},
