@@ -98,18 +98,31 @@ def make_ddim_timesteps(
             the message names the methods that work for these arguments.
         TypeError: ``n`` or ``T`` is not an integer.
     """
-    check_choice("ddim_discr_method", ddim_discr_method, DDIM_METHODS)
-    T = check_int("num_ddpm_timesteps", num_ddpm_timesteps, minimum=1)
-    n = check_int("num_ddim_timesteps", num_ddim_timesteps, minimum=1, maximum=T)
+    return _ddim_timesteps(ddim_discr_method, num_ddim_timesteps, num_ddpm_timesteps, verbose, _COMPVIS_NAMES)
+
+
+#: How errors name the method, the number of steps and T: CompVis' arguments, and those of the samplers.
+_COMPVIS_NAMES = ("ddim_discr_method", "num_ddim_timesteps", "num_ddpm_timesteps")
+_SAMPLER_NAMES = ("method", "num_steps", "the schedule's timesteps")
+
+
+def _ddim_timesteps(
+    ddim_discr_method: str, num_ddim_timesteps: int, num_ddpm_timesteps: int, verbose: bool, names: tuple[str, ...]
+) -> np.ndarray:
+    """:func:`make_ddim_timesteps`, its errors naming the arguments ``names`` (method, steps, T) as the caller did."""
+    method_name, steps_name, total_name = names
+    check_choice(method_name, ddim_discr_method, DDIM_METHODS)
+    T = check_int(total_name, num_ddpm_timesteps, minimum=1)
+    n = check_int(steps_name, num_ddim_timesteps, minimum=1, maximum=T)
 
     if ddim_discr_method in ("uniform", "quad"):
         steps = _seed_steps(ddim_discr_method, n, T)
         if steps[-1] >= T:
             working = [m for m in ("uniform", "quad") if _seed_steps(m, n, T)[-1] < T] + ["linspace", "trailing"]
             raise ValueError(
-                f"make_ddim_timesteps({ddim_discr_method!r}, num_ddim_timesteps={n}, num_ddpm_timesteps={T}): the "
-                f"CompVis' +1 offset puts the last step at {int(steps[-1])}, outside the valid timesteps [0, {T - 1}]. "
-                f"Methods that work for these arguments: {', '.join(map(repr, working))}"
+                f"{method_name}={ddim_discr_method!r} with {steps_name}={n} and T={T} timesteps: CompVis' +1 offset "
+                f"puts the last step at {int(steps[-1])}, outside the valid timesteps [0, {T - 1}]. Methods that "
+                f"work for these arguments: {', '.join(map(repr, working))}"
             )
     elif ddim_discr_method == "linspace":
         steps = np.linspace(0, T - 1, n).round().astype(np.int64)
@@ -414,8 +427,7 @@ def ddim_sample(
         clip_x0 = check_real("clip_x0", clip_x0, minimum=0.0, min_inclusive=False)
     eta = check_real("eta", eta, minimum=0.0)
     ac = _alphacums_as_numpy(alphas_cumprod, "alphas_cumprod")
-    check_int("num_steps", num_steps, minimum=1, maximum=ac.shape[0])  # named as the caller wrote it
-    steps = make_ddim_timesteps(method, num_steps, ac.shape[0], verbose=False)
+    steps = _ddim_timesteps(method, num_steps, ac.shape[0], False, _SAMPLER_NAMES)
     sigmas, alphas, alphas_prev = _sampling_parameters(ac, steps, eta)
 
     # Coefficients, noisiest step first, as python floats (no device round trip inside the loop).
@@ -438,7 +450,10 @@ def ddim_sample(
         if not isinstance(out, Tensor):
             raise TypeError(f"model_fn must return a tensor, got {type(out).__name__}")
         if out.shape != x.shape:
-            raise ValueError(f"model_fn returned shape {tuple(out.shape)}, expected the shape of x_t {tuple(x.shape)}")
+            raise ValueError(
+                f"model_fn returned shape {tuple(out.shape)}, expected the shape of x_t {tuple(x.shape)} (the sample "
+                "shape is batch first: (B, *the shape of one sample))"
+            )
         if torch.promote_types(out.dtype, torch.float32) != torch.float32:
             out = out.to(torch.float32)
         if fused:

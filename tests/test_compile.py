@@ -69,7 +69,8 @@ def readme_model_class() -> type:
     assert 'self.diffusion_loss(batch[0], loss_weighting="min_snr")' in source
     module = types.ModuleType("lightning_ldm_readme_usage")
     sys.modules[module.__name__] = module
-    exec(compile(source.split("data = DataLoader", 1)[0], "README.md", "exec"), module.__dict__)
+    # not a file name: dynamo (torch 2.4) tokenizes the file a traced frame names, and markdown is not Python
+    exec(compile(source.split("data = DataLoader", 1)[0], "<README.md usage block>", "exec"), module.__dict__)
     return module.Denoiser
 
 

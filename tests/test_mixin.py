@@ -902,14 +902,19 @@ def test_sampling_runs_in_eval_without_grad_and_restores_the_modes() -> None:
         ),
         ({"x_T": torch.zeros(1, 2, 3, 3)}, ValueError, r"x_T has shape \(1, 2, 3, 3\), expected shape \(2, 2, 3, 3\)"),
         ({"eta": -1.0}, ValueError, r"eta=-1 is out of range"),
-        ({"method": "karras"}, ValueError, r"ddim_discr_method='karras'"),
+        ({"method": "karras"}, ValueError, r"^method='karras' is not supported"),
+        (  # sample()'s names, not make_ddim_timesteps' (ddim_discr_method, num_ddim_timesteps)
+            {"num_steps": 30},
+            ValueError,
+            r"^method='uniform' with num_steps=30 and T=50 timesteps: .*for these arguments: 'linspace', 'trailing'",
+        ),
         ({"guidance_scale": float("nan")}, ValueError, r"guidance_scale=nan must be finite"),
     ],
 )
 def test_sampling_rejects_bad_arguments(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
     model = bare(timesteps=50)
     with pytest.raises(error, match=match):
-        denoising_with(model, CondModel()).sample((2, 2, 3, 3), num_steps=5, **kwargs)
+        denoising_with(model, CondModel()).sample((2, 2, 3, 3), **{"num_steps": 5, **kwargs})
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true", "32-true"])

@@ -126,7 +126,7 @@ def test_make_ddim_timesteps_smallest(method: str, n: int, T: int, expected: lis
 
 @pytest.mark.parametrize("method", ["uniform", "quad"])
 def test_make_ddim_timesteps_offset_methods_refuse_all_steps_of_two(method: str) -> None:
-    with pytest.raises(ValueError, match=rf"make_ddim_timesteps\('{method}', num_ddim_timesteps=2.*last step at 2"):
+    with pytest.raises(ValueError, match=rf"ddim_discr_method='{method}' with num_ddim_timesteps=2 and T=2.*step at 2"):
         ldm.make_ddim_timesteps(method, 2, 2, verbose=False)
     with pytest.raises(ValueError, match=r"num_ddim_timesteps=0 is out of range; expected an integer in \[1, 2\]"):
         ldm.make_ddim_timesteps(method, 0, 2, verbose=False)

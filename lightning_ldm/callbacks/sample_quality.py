@@ -232,7 +232,7 @@ class SampleQualityMonitor(PeriodicCallback):
     Example::
 
         quality = SampleQualityMonitor((500, 4, 8, 8), reference=held_out_images, every_n_steps=1000,
-                                       cond=labels, uncond=null_labels, guidance_scale=3.0)
+                                       cond=labels, uncond=null_labels, sample_kwargs={"guidance_scale": 3.0})
         trainer = L.Trainer(callbacks=[EMAWeightAveraging(), quality,
                                        ModelCheckpoint(monitor="quality/fid", mode="min")])
 
