@@ -74,6 +74,11 @@ def four_labels(n: int) -> Tensor:
     return torch.tensor(LABELS * (n // len(LABELS)))
 
 
+def two_labels(n: int) -> Tensor:
+    """A ``"call:"`` condition that ignores ``n``: two labels, whatever the number of samples."""
+    return torch.tensor(LABELS[:2])
+
+
 def expected_samples(model: DiffusionMixin, logger: SampleLogger, cond: Any, num_steps: int = 5) -> Tensor:
     """What ``logger`` sampled: DDIM from its noise, η generator seeded with ``derive_seed(seed, 1)``."""
     generator = torch.Generator().manual_seed(derive_seed(logger.seed, 1))
@@ -171,6 +176,34 @@ def test_sample_quality_monitor_takes_lists_but_not_the_string_forms() -> None:
         ValueError, match=r"SampleQualityMonitor\(cond: 'batch:1'\): the 'batch:' and 'call:' forms are "
     ):
         SampleQualityMonitor(SHAPE, reference=torch.zeros(SHAPE), every_n_steps=1, cond="batch:1")
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_a_condition_of_another_batch_size_is_refused_when_the_callback_is_built(scale: float) -> None:
+    from lightning_ldm.callbacks import SampleQualityMonitor
+
+    kwargs = {"cond": [0, 1], "uncond": [3] * 4, "sample_kwargs": {"guidance_scale": scale}}
+    batch = r"^cond must have batch size 4 \(or 1, broadcast over the batch\), got shape \(2,\)"
+    with pytest.raises(ValueError, match=batch):
+        SampleLogger(SHAPE, every_n_steps=100, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=batch):
+        SampleQualityMonitor(SHAPE, reference=torch.zeros(SHAPE), every_n_steps=100, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^cond\['label'\] must have batch size 4 .*got shape \(3,\)"):
+        SampleLogger(SHAPE, cond={"label": [0, 1, 2]}, uncond={"label": [3] * 4}, sample_kwargs=kwargs["sample_kwargs"])
+    if scale != 1.0:  # under guidance the two sides must batch together
+        with pytest.raises(ValueError, match=r"^uncond must have batch size 4 .*got shape \(2,\)"):
+            SampleLogger(SHAPE, cond=LABELS, uncond=[3, 3], sample_kwargs={"guidance_scale": scale})
+        with pytest.raises(ValueError, match=r"^cond and uncond must name the same keys, got \['label'\] and \['y'\]"):
+            SampleLogger(SHAPE, cond={"label": LABELS}, uncond={"y": LABELS}, sample_kwargs={"guidance_scale": scale})
+    assert SampleLogger(SHAPE, cond=[1], uncond=[3], sample_kwargs={"guidance_scale": scale}).cond.tolist() == [1]
+
+
+def test_a_call_condition_of_another_batch_size_stops_the_fit_before_training() -> None:
+    logger = SampleLogger(SHAPE, every_n_steps=1, cond="call:tests.test_lightning_habits.two_labels")
+    trainer = make_trainer(max_steps=1, callbacks=[logger])
+    with pytest.raises(ValueError, match=r"^cond must have batch size 4 \(or 1, broadcast .*\), got shape \(2,\)"):
+        trainer.fit(LabelDenoiser(), LabelData().train_dataloader())
+    assert trainer.global_step == 0
 
 
 def test_call_conditions_go_through_the_allow_list() -> None:

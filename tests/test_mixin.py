@@ -906,7 +906,7 @@ def test_sampling_runs_in_eval_without_grad_and_restores_the_modes() -> None:
         (  # sample()'s names, not make_ddim_timesteps' (ddim_discr_method, num_ddim_timesteps)
             {"num_steps": 30},
             ValueError,
-            r"^method='uniform' with num_steps=30 and T=50 timesteps: .*for these arguments: 'linspace', 'trailing'",
+            r"^method='uniform' with num_steps=30 and T=50 timesteps: .*arguments: 'quad', 'linspace', 'trailing'",
         ),
         ({"guidance_scale": float("nan")}, ValueError, r"guidance_scale=nan must be finite"),
     ],

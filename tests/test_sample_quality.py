@@ -477,6 +477,28 @@ def test_a_kid_subset_larger_than_the_sets_and_a_non_image_reference_are_refused
         make_trainer(callbacks=[flat]).fit(ImageDenoiser(), loader())
 
 
+def test_reference_images_of_another_shape_are_refused_at_fit_start() -> None:
+    rgb = SampleQualityMonitor((M, 3, 4, 4), REFERENCE, every_n_steps=1, sample_kwargs={"num_steps": 2})
+    trainer = make_trainer(callbacks=[rgb])
+    with pytest.raises(
+        ValueError,
+        match=r"^SampleQualityMonitor: the samples will have shape \(3, 4, 4\) each and the reference images "
+        r"\(1, 4, 4\); FID compares images of one shape",
+    ):
+        trainer.fit(ImageDenoiser(), loader())
+    assert trainer.global_step == 0  # refused at train start, not at the first evaluation
+
+
+def test_samples_of_another_shape_than_the_reference_are_refused_before_their_features() -> None:
+    class Upsampled(SampleQualityMonitor):  # an overridden sample: its shape is known only once it has run
+        def sample(self, trainer: Any, pl_module: Any, noise: Tensor, *args: Any) -> Tensor:
+            return super().sample(trainer, pl_module, noise, *args).repeat_interleave(2, dim=-1)
+
+    monitor = Upsampled((M, 1, 4, 4), REFERENCE, every_n_steps=1, sample_kwargs={"num_steps": 2})
+    with pytest.raises(ValueError, match=r"the samples have shape \(1, 4, 8\) each and the reference images \(1, 4, 4"):
+        make_trainer(callbacks=[monitor]).fit(ImageDenoiser(), loader())
+
+
 def test_an_averaging_callback_listed_after_is_warned_about() -> None:
     monitor = SampleQualityMonitor((M, 1, 4, 4), REFERENCE, every_n_steps=2, sample_kwargs={"num_steps": 2})
     with pytest.warns(UserWarning, match="listed before a WeightAveraging callback"):

@@ -45,6 +45,7 @@ from lightning_ldm.callbacks._sampling import (
     sampling_weights,
 )
 from lightning_ldm.callbacks.sample_writers import needs_pillow, write_image, write_video
+from lightning_ldm.guidance import guided_condition
 from lightning_ldm.instantiation import get_obj_from_str
 from lightning_ldm.latent import LatentDiffusionMixin
 from lightning_ldm.media import image_grid, to_uint8, video_grid
@@ -113,6 +114,10 @@ def _check_cond(name: str, value: Any) -> Conditioning | str:
             f"{type(value).__name__} {describe(value)}"
         )
     return _as_tensors(name, value)
+
+
+def _never_called(*args: Any, **kwargs: Any) -> Tensor:  # pragma: no cover - only its guidance is built
+    raise RuntimeError("the conditions' check never runs the model")
 
 
 def _pending(value: Any, prefix: str) -> str | None:
@@ -308,6 +313,7 @@ class SampleLogger(PeriodicCallback):
         self.allowed_prefixes = None if allowed_prefixes is None else list(allowed_prefixes)
         #: The conditions in use: ``cond``/``uncond`` with the ``"batch:"`` and ``"call:"`` forms resolved.
         self._conditions: dict[str, Any] = {"cond": self.cond, "uncond": self.uncond}
+        self._check_conditions()
         self._noise = torch.randn(self.shape, generator=torch.Generator().manual_seed(self.seed), dtype=torch.float32)
         self._last_step: int | None = None
         self._warned_nan = False
@@ -337,6 +343,7 @@ class SampleLogger(PeriodicCallback):
             needs_pillow(trainer, clips=len(self.shape) == 5, who="SampleLogger")
             self._conditions = {"cond": self.cond, "uncond": self.uncond}  # "batch:" from this fit's first batch
         self._resolve_calls(pl_module)
+        self._check_conditions()
 
     @override
     def reset(self) -> None:
@@ -368,11 +375,29 @@ class SampleLogger(PeriodicCallback):
             self._take_batch(batch)
 
     def _take_batch(self, batch: Any) -> None:
+        taken = False
         for name, value in self._conditions.items():
             if _pending(value, BATCH_PREFIX):
                 self._conditions[name] = _replaced(
                     value, BATCH_PREFIX, lambda spec, name=name: _from_batch(name, spec, batch, self.shape[0])
                 )
+                taken = True
+        if taken:
+            self._check_conditions()
+
+    def _check_conditions(self) -> None:
+        """Refuse now what the first logging would: a condition of another batch size, a pair that cannot batch.
+
+        Runs once the conditions are known: at construction, after ``"call:"`` at setup, after ``"batch:"``.
+
+        Raises:
+            ValueError: A tensor whose batch is neither ``shape[0]`` nor 1, or ``cond``/``uncond`` naming other keys.
+            TypeError: Under guidance, entries that cannot be batched together (not tensors of the same structure).
+        """
+        cond, uncond = self._conditions["cond"], self._conditions["uncond"]
+        if any(_pending(value, prefix) for value in (cond, uncond) for prefix in (BATCH_PREFIX, CALL_PREFIX)):
+            return
+        guided_condition(_never_called, self.shape[0], self.sample_kwargs["guidance_scale"], cond, uncond)
 
     def _resolve_calls(self, pl_module: pl.LightningModule) -> None:
         """Call the ``"call:<path>"`` conditions' functions (once per setup) with the number of samples."""

@@ -68,6 +68,7 @@ from lightning_ldm.callbacks._diffusion import gather_rows
 from lightning_ldm.callbacks._sampling import floating_dtype, sampling_weights, training_streams_kept
 from lightning_ldm.callbacks.sample_logger import BATCH_PREFIX, CALL_PREFIX, SampleLogger, _pending
 from lightning_ldm.features import RandomConvFeatures
+from lightning_ldm.latent import LatentDiffusionMixin
 from lightning_ldm.seeding import derive_seed
 
 __all__ = ["SampleQualityMonitor", "fid_and_kid"]
@@ -145,6 +146,16 @@ def _extract(extractor: nn.Module, batches: list[Tensor], device: torch.device) 
     if features.ndim != 2:
         raise ValueError(f"the feature extractor must return vectors (B, D), got shape {tuple(features.shape)}")
     return features
+
+
+def _check_same_image_shape(samples: tuple[int, ...], reference: tuple[int, ...], verb: str) -> None:
+    """Refuse samples and reference images of different shapes (FID compares like with like)."""
+    if tuple(samples) != tuple(reference):
+        raise ValueError(
+            f"SampleQualityMonitor: the samples {verb} shape {tuple(samples)} each and the reference images "
+            f"{tuple(reference)}; FID compares images of one shape: pass reference images shaped like the samples "
+            "(decoded images for a latent model), or override sample() to resize the samples"
+        )
 
 
 def _fingerprint(features: Tensor) -> dict[str, float | int]:
@@ -320,6 +331,7 @@ class SampleQualityMonitor(PeriodicCallback):
         self._real: Tensor | None = None
         self._reference_fingerprint: dict[str, Any] | None = None
         self._saved_fingerprint: dict[str, Any] | None = None
+        self._reference_shape: tuple[int, ...] = ()
 
     @property
     def noise(self) -> Tensor:
@@ -409,6 +421,9 @@ class SampleQualityMonitor(PeriodicCallback):
         count = check_int("reference.shape[0]", images.shape[0], minimum=max(2, trainer.world_size))
         if self._extractor is None:
             self._extractor = (self.features if self.features is not None else _default_extractor(images)).eval()
+        self._reference_shape = tuple(images.shape[1:])
+        if type(self).sample is SampleQualityMonitor.sample and not isinstance(pl_module, LatentDiffusionMixin):
+            _check_same_image_shape(self.shape[1:], self._reference_shape, "will have")  # pixel space: shape[1:]
         extractor = self._extractor.to(pl_module.device)
         start, stop = _share(count, trainer.global_rank, trainer.world_size)
         with training_streams_kept(pl_module):
@@ -443,6 +458,7 @@ class SampleQualityMonitor(PeriodicCallback):
                 cond = _rows(self.cond, a, b, self.num_samples)
                 uncond = _rows(self.uncond, a, b, self.num_samples)
                 samples = self.sample(trainer, pl_module, noise, generator, cond, uncond)
+                _check_same_image_shape(tuple(samples.shape[1:]), self._reference_shape, "have")
                 features.append(_extract(extractor, [samples], pl_module.device))
         return gather_rows(trainer, torch.cat(features)).cpu()
 
