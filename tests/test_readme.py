@@ -7,6 +7,7 @@ import re
 import runpy
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import torch
@@ -44,6 +45,7 @@ def _plain_block() -> str:
 
 BLOCK_LIGHTNING = """
 import sys
+import types
 
 
 class _NoLightning:
@@ -72,3 +74,20 @@ def test_readme_plain_pytorch_block_runs_where_lightning_cannot_be_imported(tmp_
         [sys.executable, "-c", BLOCK_LIGHTNING + "import lightning"], env=env, capture_output=True, text=True
     )
     assert "ImportError: lightning is blocked" in blocked.stderr  # the guard itself works
+
+
+def test_readme_condition_dropout_snippet_draws_from_the_diffusion_generator() -> None:
+    snippet = re.search(r"`(g = self\.diffusion_generator; drop = [^`]+)`", README.read_text())
+    assert snippet is not None, "the README's condition-dropout snippet is gone"
+    y = torch.arange(1000)
+
+    def run(generator: torch.Generator | None) -> torch.Tensor:
+        namespace = {"self": types.SimpleNamespace(diffusion_generator=generator), "torch": torch, "y": y}
+        exec(snippet.group(1), namespace)
+        return namespace["drop"]
+
+    drop = run(torch.Generator().manual_seed(3))
+    assert torch.equal(drop, torch.rand(1000, generator=torch.Generator().manual_seed(3)) < 0.1)
+    assert 0.07 < float(drop.float().mean()) < 0.13
+    torch.manual_seed(5)
+    assert torch.equal(run(None), torch.rand(1000, generator=torch.Generator().manual_seed(5)) < 0.1)  # global RNG
