@@ -124,6 +124,25 @@ def _check_vector_input(model: Callable[..., Any]) -> None:
         )
 
 
+def _check_context_input(model: Callable[..., Any], context: Tensor) -> None:
+    """Refuse a cross-attention condition a diffusers UNet cannot attend to: not ``(B, sequence, width)``.
+
+    The width is read from the config: ``encoder_hid_dim`` when the UNet projects its context first, else an integer
+    ``cross_attention_dim`` (a per-block tuple is not checked).
+    """
+    config = getattr(model, "config", None)
+    width = getattr(config, "encoder_hid_dim", None) or getattr(config, "cross_attention_dim", None)
+    if config is None or width is None:
+        return
+    if context.ndim != 3 or (isinstance(width, int) and context.shape[-1] != width):
+        expected = f"(B, sequence, {width})" if isinstance(width, int) else "(B, sequence, width)"
+        raise ValueError(
+            f"the cross-attention condition (c_crossattn) has shape {tuple(context.shape)}; {_name(model)} takes "
+            f"encoder_hidden_states of shape {expected}: one embedding per token, e.g. a text encoder's "
+            "last hidden state"
+        )
+
+
 def call_denoiser(
     model: Callable[..., Any],
     x: Tensor,
@@ -162,6 +181,8 @@ def call_denoiser(
         keyword = names[role]
         if convention == "diffusers" and role == "vector":
             _check_vector_input(model)
+        if convention == "diffusers" and role == "context":
+            _check_context_input(model, given)
         if not sig.takes(keyword):
             raise TypeError(
                 f"{routed_by} passes the condition as {keyword}= under call_convention={convention!r}, but "

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_ldm._checks import check_choice, check_real
+from lightning_ldm._checks import check_choice, check_real, check_shape
 from lightning_ldm.call_convention import CALL_CONVENTIONS, call_denoiser, resolve_call_convention
 from lightning_ldm.conditioning import (
     COND_DICT_KEYS,
@@ -197,6 +197,24 @@ class LatentDiffusionMixin(DiffusionMixin):
         """Decode scaled latents ``z`` with the first stage."""
         return self._require_first_stage().decode(z)
 
+    def _check_latent_channels(self, shape: tuple[int, ...]) -> None:
+        """Refuse a ``shape`` whose channels are not the denoiser's ``in_channels`` (without concatenated conditions).
+
+        Read from a diffusers ``config.in_channels`` or a CompVis ``in_channels`` attribute; nothing to check when the
+        denoiser has neither or a ``"concat"``/``"hybrid"`` condition adds channels.
+        """
+        if self.conditioning_key in ("concat", "hybrid") or len(shape) < 2:
+            return
+        denoiser = getattr(self, self.denoiser_name or "model", None)
+        config = getattr(denoiser, "config", None)  # diffusers; else CompVis' attribute (diffusers warns on that one)
+        channels = getattr(config if config is not None else denoiser, "in_channels", None)
+        if isinstance(channels, int) and shape[1] != channels:
+            raise ValueError(
+                f"shape={shape} is the shape of the latents, batch first: expected shape[1]={channels}, the "
+                f"in_channels of {type(denoiser).__name__}"
+                + (" (the first stage decodes the latents to images)" if self.first_stage is not None else "")
+            )
+
     def apply_model(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         """CompVis' ``apply_model``: route ``cond`` into ``self.<denoiser_name>`` by ``conditioning_key``.
 
@@ -275,6 +293,7 @@ class LatentDiffusionMixin(DiffusionMixin):
             ValueError: :meth:`DiffusionMixin.sample` refuses an argument (a scheduler that does not match the
                 schedule, ...).
         """
+        self._check_latent_channels(check_shape("shape", shape))
         out = super().sample(shape, **sample_options)
         if not decode or self.first_stage is None:
             return out

@@ -260,6 +260,31 @@ def test_a_class_condition_for_a_unet_without_class_embedding_is_refused() -> No
 
 
 # ------------------------------------------------------------------------------------------------ plain mixin
+def test_a_cross_attention_condition_of_the_wrong_shape_is_refused_naming_the_expected_one() -> None:
+    model = LDM(cond_unet(), "crossattn")
+    expected = rf"takes encoder_hidden_states of shape \(B, sequence, {CTX}\)"
+    with pytest.raises(ValueError, match=rf"c_crossattn\) has shape \(4, {CTX}\); UNet2DConditionModel {expected}"):
+        model.apply_model(X, TS, CONTEXT[:, 0])  # one vector per sample, no sequence axis
+    with pytest.raises(ValueError, match=r"c_crossattn\) has shape \(4, 3, 5\); .*" + expected):
+        model.diffusion_loss(X, CONTEXT[..., :5], encode=False)
+    with pytest.raises(ValueError, match=r"c_crossattn\) has shape \(4, 3, 5\)"):
+        model.sample((B, Z, 4, 4), cond=CONTEXT[..., :5], num_steps=2)
+
+
+def test_a_sample_shape_of_other_channels_than_the_denoiser_s_is_refused() -> None:
+    with_vae = LDM(cond_unet(), "crossattn", vae=tiny_vae())
+    with pytest.raises(
+        ValueError,
+        match=rf"^shape=\(4, 3, 4, 4\) is the shape of the latents, batch first: expected shape\[1\]={Z}, the "
+        r"in_channels of UNet2DConditionModel \(the first stage decodes the latents to images\)",
+    ):
+        with_vae.sample((B, 3, 4, 4), cond=CONTEXT, num_steps=2)  # the image shape instead of the latent one
+    assert with_vae.sample((B, Z, 4, 4), cond=CONTEXT, num_steps=2).shape == (B, 3, 4, 4)
+    concat = LDM(cond_unet(in_channels=2 * Z), "hybrid")  # concatenated conditions add channels: not checked
+    out = concat.sample((B, Z, 4, 4), cond={"c_concat": [X], "c_crossattn": [CONTEXT]}, num_steps=2)
+    assert out.shape == (B, Z, 4, 4)
+
+
 def test_the_plain_mixin_calls_a_diffusers_network() -> None:
     with torch.no_grad():
         unet = cond_unet().eval()
