@@ -298,6 +298,6 @@ class LatentDiffusionMixin(DiffusionMixin):
         if not decode or self.first_stage is None:
             return out
         z, intermediates = out if isinstance(out, tuple) else (out, None)
-        with self._precision_context():
+        with self._precision_context(sample_options.get("precision")):
             images = self.decode_first_stage(z)
         return images if intermediates is None else (images, intermediates)

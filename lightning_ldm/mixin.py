@@ -40,6 +40,7 @@ from typing_extensions import override
 
 from lightning_ldm._checks import (
     check_bool,
+    check_choice,
     check_floating,
     check_real,
     check_same_shape,
@@ -70,6 +71,13 @@ __all__ = ["CHECKPOINT_KEY", "DiffusionMixin"]
 
 #: Key of the package's entry in a Lightning checkpoint dict; the fingerprint sits under ``["schedule"]``.
 CHECKPOINT_KEY = "lightning_ldm"
+
+
+#: The precisions ``sample(precision=...)`` takes: Lightning's names of float32 and of the autocast ones.
+SAMPLE_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+_PRECISION_ALIASES: dict[int | str, str] = {
+    32: "32-true", "32": "32-true", 16: "16-mixed", "16": "16-mixed", "bf16": "bf16-mixed"
+}  # fmt: skip
 
 
 class DiffusionMixin(_Base):
@@ -369,9 +377,15 @@ class DiffusionMixin(_Base):
         return losses
 
     # ----------------------------------------------------------------------------------------------- sampling
-    def _precision_context(self) -> contextlib.AbstractContextManager[Any]:
-        trainer = getattr(self, "_trainer", None)
-        return contextlib.nullcontext() if trainer is None else trainer.precision_plugin.forward_context()
+    def _precision_context(self, precision: str | int | None = None) -> contextlib.AbstractContextManager[Any]:
+        """The context ``sample`` computes in: the Trainer's precision (``None``), or ``precision`` (checked by it)."""
+        if precision is None:
+            trainer = getattr(self, "_trainer", None)
+            return contextlib.nullcontext() if trainer is None else trainer.precision_plugin.forward_context()
+        if precision == "32-true":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
+        return torch.autocast(self._schedule_device.type, dtype=dtype, cache_enabled=False)  # as Lightning's plugin
 
     @torch.no_grad()
     def sample(
@@ -390,13 +404,15 @@ class DiffusionMixin(_Base):
         clip_x0: float | None = None,
         return_intermediates: bool = False,
         progress: bool = False,
+        precision: str | int | None = None,
     ) -> Tensor | tuple[Tensor, dict[str, list[Tensor]]]:
         r"""Draw samples through :meth:`apply_model`, with classifier-free guidance.
 
         DDIM by default (:func:`~lightning_ldm.ddim.ddim_sample`), or any diffusers-style scheduler object
         (DPM-Solver++, Euler, UniPC, ... built from ``noise_schedule.to_diffusers_config()``; see
         :func:`~lightning_ldm.scheduler_sampling.scheduler_sample`). Runs under ``torch.no_grad()`` with the module in
-        eval mode (modes restored afterwards) and, on a Trainer, under ``trainer.precision_plugin.forward_context()``.
+        eval mode (modes restored afterwards) and, on a Trainer, under ``trainer.precision_plugin.forward_context()``
+        unless ``precision`` names another (e.g. ``"32-true"`` after a ``"bf16-mixed"`` fit).
         ``x_T`` is drawn in float32 from ``generator`` (the global RNG when ``None``; never ``diffusion_generator``,
         so sampling does not shift the training draws) and cast to the default dtype of that context.
 
@@ -415,6 +431,9 @@ class DiffusionMixin(_Base):
             return_intermediates: Also return ``{"x_inter": [...], "pred_x0": [...]}`` (DDIM only).
             progress: Show a tqdm progress bar of the sampling steps (on global rank zero only; off by default and
                 in the package's callbacks). Off, the loop is the same as without the option.
+            precision: ``None``: the attached Trainer's precision (float32 without one); ``"32-true"``,
+                ``"bf16-mixed"`` or ``"16-mixed"`` (or Lightning's short names ``32``, ``"16"``, ``"bf16"``): that
+                one (autocast on the module's device, as Lightning's plugin), whether a Trainer is attached or not.
 
         Returns:
             Samples (in ``x_T``'s dtype), or ``(samples, intermediates)``.
@@ -427,6 +446,10 @@ class DiffusionMixin(_Base):
         """
         shape = check_shape("shape", shape)
         progress = check_bool("progress", progress)
+        if precision is not None:
+            if isinstance(precision, (int, str)):  # Lightning's short names: 32, "16", "bf16"
+                precision = _PRECISION_ALIASES.get(precision, precision)
+            check_choice("precision", precision, SAMPLE_PRECISIONS)
         if x_T is not None and tuple(x_T.shape) != shape:
             raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected shape {shape}")
         schedule = self._require_schedule()
@@ -450,7 +473,7 @@ class DiffusionMixin(_Base):
             if progress and getattr(self, "global_rank", 0) == 0:
                 model_fn = stack.enter_context(_progress_bar(model_fn, sampler, method, num_steps, schedule))
             stack.enter_context(eval_mode(self))
-            stack.enter_context(self._precision_context())
+            stack.enter_context(self._precision_context(precision))
             if x_T is None:
                 draw_device = generator.device if generator is not None else device
                 x_T = torch.randn(shape, device=draw_device, dtype=torch.float32, generator=generator)

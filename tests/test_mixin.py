@@ -939,6 +939,41 @@ def test_sampling_from_a_callback_runs_under_the_trainer_precision(precision: st
     assert torch.get_default_dtype() == torch.float32
 
 
+class ConvNet(nn.Module):
+    """A convolution: its output changes under bf16 autocast (unlike CondModel's elementwise maths)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+def test_sample_precision_overrides_the_attached_trainer_s() -> None:
+    model = Toy()
+    make_trainer(precision="bf16-mixed", max_steps=1).fit(model)  # the Trainer stays attached, as after any fit
+    model = denoising_with(model, ConvNet())
+    noise = torch.randn(2, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+
+    def run(**kwargs: Any) -> Tensor:
+        out = model.sample(noise.shape, x_T=noise, num_steps=4, **kwargs)
+        assert isinstance(out, Tensor) and out.dtype == torch.float32
+        return out
+
+    attached, as32 = run(), run(precision="32-true")
+    assert not torch.equal(attached, as32)  # bf16 autocast under the Trainer's precision
+    assert torch.equal(run(precision="bf16-mixed"), attached) and torch.equal(run(precision="bf16"), attached)
+    assert torch.equal(run(precision=32), as32) and torch.equal(run(precision="32"), as32)
+    model.trainer = None  # detached: float32 by default, and the named precision still applies
+    assert torch.equal(run(), as32) and torch.equal(run(precision="bf16-mixed"), attached)
+    with pytest.raises(
+        ValueError, match=r"^precision='64-true' is not supported; expected one of '32-true', 'bf16-mixed', '16-mixed'"
+    ):
+        run(precision="64-true")
+
+
 # --------------------------------------------------------------------------------- fingerprint and checkpoints
 def fit_and_save(tmp_path: Any, **hparams: Any) -> tuple[Toy, str]:
     model = Toy(**hparams)
