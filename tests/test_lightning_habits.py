@@ -196,6 +196,10 @@ def test_a_condition_of_another_batch_size_is_refused_when_the_callback_is_built
         with pytest.raises(ValueError, match=r"^cond and uncond must name the same keys, got \['label'\] and \['y'\]"):
             SampleLogger(SHAPE, cond={"label": LABELS}, uncond={"y": LABELS}, sample_kwargs={"guidance_scale": scale})
     assert SampleLogger(SHAPE, cond=[1], uncond=[3], sample_kwargs={"guidance_scale": scale}).cond.tolist() == [1]
+    # only shapes are compared: conditions of other dtypes (and devices) are fine, as sampling moves and casts them
+    float64_null = torch.zeros(1, 2, dtype=torch.float64)
+    mixed = SampleLogger(SHAPE, cond=torch.ones(4, 2), uncond=float64_null, sample_kwargs={"guidance_scale": scale})
+    assert mixed.cond.device.type == "cpu"
 
 
 def test_a_call_condition_of_another_batch_size_stops_the_fit_before_training() -> None:

@@ -397,7 +397,9 @@ class SampleLogger(PeriodicCallback):
         cond, uncond = self._conditions["cond"], self._conditions["uncond"]
         if any(_pending(value, prefix) for value in (cond, uncond) for prefix in (BATCH_PREFIX, CALL_PREFIX)):
             return
-        guided_condition(_never_called, self.shape[0], self.sample_kwargs["guidance_scale"], cond, uncond)
+        meta = torch.device("meta")  # shapes only: no copies, and tensors on different devices batch as sampling would
+        scale = self.sample_kwargs["guidance_scale"]
+        guided_condition(_never_called, self.shape[0], scale, _to_device(cond, meta), _to_device(uncond, meta))
 
     def _resolve_calls(self, pl_module: pl.LightningModule) -> None:
         """Call the ``"call:<path>"`` conditions' functions (once per setup) with the number of samples."""
