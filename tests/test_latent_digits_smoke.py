@@ -16,7 +16,14 @@ from examples.latent_digits.autoencoder import DigitAutoencoder
 from examples.latent_digits.classifier import DigitClassifier
 from examples.latent_digits.data import DigitsDataModule, from_pixels, load_split, to_pixels
 from examples.latent_digits.denoiser import LatentDenoiser
-from examples.latent_digits.feature_net import DigitFeatureNet, floor_indices, train_feature_net
+from examples.latent_digits.feature_net import (
+    DigitFeatureNet,
+    check_feature_digits,
+    floor_indices,
+    load_feature_net,
+    save_feature_net,
+    train_feature_net,
+)
 from examples.latent_digits.report import class_spread, real_quality, save_grid
 from examples.latent_digits.train import main
 from lightning_ldm.first_stage import FirstStage
@@ -59,6 +66,8 @@ def test_bad_holdout_fraction_is_refused(fraction: float) -> None:
 def test_bad_batch_size_is_refused() -> None:
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
         DigitsDataModule(batch_size=0)
+    with pytest.raises(ValueError, match=r"batch_size=2000 exceeds the 1438 training digits; use at most that"):
+        DigitsDataModule(batch_size=2000)
 
 
 def test_judge_reaches_its_ceiling_on_real_held_out_digits() -> None:
@@ -109,6 +118,29 @@ def test_feature_net_learns_the_digits_and_its_body_gives_the_features() -> None
     expected = net.accuracy(split.holdout_images, split.holdout_labels)
     net.train()
     assert net.accuracy(split.holdout_images, split.holdout_labels) == expected and net.training
+
+
+def test_the_feature_net_round_trips_with_its_hyperparameters(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = DigitFeatureNet(width=4, features=8)
+    save_feature_net(net, tmp_path / "net.pt")
+    loaded = load_feature_net(tmp_path / "net.pt")
+    assert loaded.hparams["features"] == 8 and not loaded.training
+    images = load_split(0.2, seed=0).holdout_images[:3]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.body(images), net.eval().body(images), rtol=0, atol=0)
+
+
+def test_a_floor_that_leaves_a_class_to_the_feature_net_without_digits_is_refused() -> None:
+    labels = torch.arange(10).repeat(3)
+    check_feature_digits(labels, floor_per_class=5)  # three of each class left: fine
+    with pytest.raises(ValueError, match=r"samples_per_class=139 takes every training digit of class 8 .* at most 138"):
+        check_feature_digits(labels[labels != 8], floor_per_class=139)
+    split = load_split(0.2, seed=0)  # class 8 has 139 training digits: a floor of 139 leaves it none
+    chosen = torch.ones(len(split.train_labels), dtype=torch.bool)
+    chosen[floor_indices(split.train_labels, per_class=139, seed=0)] = False
+    with pytest.raises(ValueError, match=r"class 8"):
+        check_feature_digits(split.train_labels[chosen], floor_per_class=139)
 
 
 def test_feature_net_trains_by_epochs_too() -> None:
@@ -232,9 +264,8 @@ def test_example_runs_end_to_end_and_reuses_its_autoencoder(tmp_path: Path) -> N
     assert written["feature_net"]["seed"] == 0 and written["feature_net"]["fitted_per_class"] == 3
     draws = written["feature_net"]["fid_of_fitted_digits_draws"]
     assert len(draws) == 5 and written["feature_net"]["fid_of_fitted_digits"] == pytest.approx(sum(draws) / 5)
-    net = DigitFeatureNet()
-    net.load_state_dict(torch.load(run_dir / "feature_net.pt", weights_only=True))
-    floor = real_quality(split, net.eval().body, floor_indices(split.train_labels, per_class=3, seed=1234), seed=1234)
+    net = load_feature_net(run_dir / "feature_net.pt")
+    floor = real_quality(split, net.body, floor_indices(split.train_labels, per_class=3, seed=1234), seed=1234)
     assert written["real_fid"] == floor["fid"] and written["real_kid"]["mean"] == floor["kid_mean"]
     assert 0 < written["real_fid"] < min(written["fid"].values())  # 30 real digits beat 30 samples of a 30-step model
     assert written["steps"] == 30 and written["autoencoder"]["loaded"] is False
@@ -269,3 +300,10 @@ def test_example_runs_end_to_end_and_reuses_its_autoencoder(tmp_path: Path) -> N
     again = main([*TINY, "--run_dir", str(run_dir)])  # the saved autoencoder is loaded, everything else re-seeded
     assert again["autoencoder"]["loaded"] is True
     assert again["accuracy"] == summary["accuracy"] and again["scale_factor"] == summary["scale_factor"]
+    events = EventAccumulator(str(run_dir / "tensorboard" / "denoiser"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [event.step for event in events.Scalars("quality/fid")] == [15, 30]  # replaced, not appended to
+
+    # another split trains the autoencoder again: a saved one is reused only for the digits it was trained on
+    other = main([*TINY, "--run_dir", str(run_dir), "--train.holdout_fraction", "0.3"])
+    assert other["autoencoder"]["loaded"] is False

@@ -96,6 +96,10 @@ class DigitsDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.seed = seed
         self.split = load_split(holdout_fraction, seed)
+        if batch_size > len(self.split.train_labels):  # drop_last would leave no batch at all
+            raise ValueError(
+                f"batch_size={batch_size} exceeds the {len(self.split.train_labels)} training digits; use at most that"
+            )
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches; the last, smaller batch is dropped."""

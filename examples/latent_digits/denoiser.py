@@ -92,7 +92,7 @@ class LatentDenoiser(LatentDiffusionMixin, L.LightningModule):
         timesteps: Training timesteps T.
         parameterization: ``"eps"``, ``"v"`` or ``"x0"``.
         p_uncond: Probability that a training sample's class is replaced by the null class.
-        loss_weighting: ``"none"`` or ``"min_snr"`` (see ``DiffusionMixin.loss_weights``).
+        loss_weighting: ``"none"``, ``"min_snr"`` or ``"vlb"`` (``diffusion_loss``'s ``loss_weighting``).
         lr: Peak AdamW learning rate (linear warm-up, then cosine decay to 0 at ``trainer.max_steps``).
         weight_decay: AdamW weight decay.
         warmup_steps: Warm-up steps.

@@ -13,6 +13,7 @@ would look closer to it than they are. Held-out digits, floor digits and samples
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
@@ -25,7 +26,14 @@ from typing_extensions import override
 from examples.latent_digits.data import NUM_CLASSES
 from lightning_ldm.guidance import eval_mode
 
-__all__ = ["DigitFeatureNet", "floor_indices", "train_feature_net"]
+__all__ = [
+    "DigitFeatureNet",
+    "check_feature_digits",
+    "floor_indices",
+    "load_feature_net",
+    "save_feature_net",
+    "train_feature_net",
+]
 
 
 def floor_indices(labels: Tensor, per_class: int, seed: int) -> Tensor:
@@ -46,6 +54,21 @@ def floor_indices(labels: Tensor, per_class: int, seed: int) -> Tensor:
             raise ValueError(f"per_class={per_class} exceeds the {len(members)} digits of class {label}")
         chosen.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
     return torch.cat(chosen)
+
+
+def check_feature_digits(labels: Tensor, floor_per_class: int) -> None:
+    """Refuse a floor that leaves a class without training digits for the feature net (the labels left to it).
+
+    Raises:
+        ValueError: A class has no digit left; the message says how many per class the floor may take.
+    """
+    counts = torch.bincount(labels, minlength=NUM_CLASSES)
+    if int(counts.min()) == 0:
+        empty = int(counts.argmin())
+        raise ValueError(
+            f"samples_per_class={floor_per_class} takes every training digit of class {empty} into the FID floor, "
+            f"leaving the feature net none to learn it from; use at most {floor_per_class - 1} (better far fewer)"
+        )
 
 
 class DigitFeatureNet(L.LightningModule):
@@ -123,7 +146,21 @@ def train_feature_net(
     model = DigitFeatureNet(**hparams)
     generator = torch.Generator().manual_seed(seed)
     data = DataLoader(
-        TensorDataset(images, labels), batch_size=batch_size, shuffle=True, drop_last=True, generator=generator
-    )
+        TensorDataset(images, labels), batch_size=batch_size, shuffle=True, drop_last=len(images) > batch_size,
+        generator=generator,
+    )  # fmt: skip
     trainer.fit(model, train_dataloaders=data)
+    return model.eval().requires_grad_(False)
+
+
+def save_feature_net(model: DigitFeatureNet, path: str | Path) -> None:
+    """Save ``model``'s hyperparameters and weights (``torch.save`` of a dict); :func:`load_feature_net` reads them."""
+    torch.save({"hparams": dict(model.hparams), "state_dict": model.state_dict()}, path)
+
+
+def load_feature_net(path: str | Path) -> DigitFeatureNet:
+    """The feature net saved by :func:`save_feature_net`, frozen, in eval mode (its ``body`` gives the features)."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    model = DigitFeatureNet(**saved["hparams"])
+    model.load_state_dict(saved["state_dict"])
     return model.eval().requires_grad_(False)

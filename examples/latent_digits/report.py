@@ -138,7 +138,13 @@ def fitted_quality(
         ``{"fid_of_fitted_digits": mean FID, "fid_of_fitted_digits_draws": [FID of each draw], "fitted_per_class"}``.
     """
     labels = split.train_labels[trained_on]
-    per_class = min(per_class, int(torch.bincount(labels, minlength=NUM_CLASSES).min()))
+    available = int(torch.bincount(labels, minlength=NUM_CLASSES).min())
+    if available < per_class:
+        log.warning(
+            "fid_of_fitted_digits draws %d digits per class (the fewest the feature net trained on), not %d as the "
+            "floor: their FIDs have different small-sample biases", available, per_class,
+        )  # fmt: skip
+        per_class = available
     positions = torch.nonzero(trained_on).flatten()
     fids = [
         real_quality(split, features, positions[floor_indices(labels, per_class, draw)], seed)["fid"]

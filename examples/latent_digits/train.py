@@ -9,7 +9,9 @@ Override any option on the command line (``--train.steps 500``; ``--help`` lists
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import shutil
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +30,13 @@ from examples.latent_digits.autoencoder import DigitAutoencoder, load_or_train_a
 from examples.latent_digits.classifier import DigitClassifier
 from examples.latent_digits.data import NUM_CLASSES, DigitsDataModule
 from examples.latent_digits.denoiser import LatentDenoiser
-from examples.latent_digits.feature_net import DigitFeatureNet, floor_indices, train_feature_net
+from examples.latent_digits.feature_net import (
+    DigitFeatureNet,
+    check_feature_digits,
+    floor_indices,
+    save_feature_net,
+    train_feature_net,
+)
 from lightning_ldm.callbacks import DiffusionSeedCallback, SampleLogger, SampleQualityMonitor, TimestepLossMonitor
 
 log = logging.getLogger("examples.latent_digits")
@@ -36,10 +44,30 @@ log = logging.getLogger("examples.latent_digits")
 
 @dataclass
 class TrainOptions:
-    """How to train; ``grid_*``: ``SampleLogger``; ``quality_*``: ``SampleQualityMonitor`` (DDIM steps of the grids).
+    """How to train: the models, the callbacks (``grid_*``: ``SampleLogger``; ``quality_*``: ``SampleQualityMonitor``).
 
-    ``feature_seed``: seed of the feature net's weights and batches (``None``: the run's ``--seed``); another value
-    gives another judge of the same samples.
+    Args:
+        batch_size: Batch size of the autoencoder, the feature net and the denoiser.
+        holdout_fraction: Fraction of each class held out (never trained on; the FID reference).
+        autoencoder_steps: Training steps of the autoencoder (reused from ``<run_dir>/autoencoder.pt`` when its
+            settings, seed and training digits match).
+        feature_steps: Training steps of the feature net (the FID/KID features).
+        feature_seed: Seed of the feature net's weights and batches (``None``: the run's ``--seed``); another value
+            gives another judge of the same samples.
+        steps: Training steps of the denoiser.
+        ema_decay: Decay of ``EMAWeightAveraging``.
+        ema_start: First step the EMA updates at; keep it below ``steps`` (else sampling uses the initial weights).
+        grid_every_n_steps: Steps between two ``SampleLogger`` grids.
+        grid_per_class: Samples of each class in a grid (a row per class).
+        grid_guidance_scale: Guidance scale of the grids.
+        grid_ddim_steps: DDIM steps of the grids.
+        quality_every_n_steps: Steps between two ``SampleQualityMonitor`` evaluations.
+        quality_per_class: Samples of each class in an evaluation.
+        quality_guidance_scale: Guidance scale of the evaluations.
+        quality_ddim_steps: DDIM steps of the evaluations.
+        log_every_n_steps: The Trainer's ``log_every_n_steps``.
+        bucket_loss_every_n_steps: Steps between two ``TimestepLossMonitor`` logs.
+        progress_bar: Show Lightning's progress bar.
     """
 
     batch_size: int = 128
@@ -57,6 +85,7 @@ class TrainOptions:
     quality_every_n_steps: int = 250
     quality_per_class: int = 50
     quality_guidance_scale: float = 1.0
+    quality_ddim_steps: int = 20
     log_every_n_steps: int = 10
     bucket_loss_every_n_steps: int = 100
     progress_bar: bool = False
@@ -68,7 +97,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_argument("--seed", type=int, default=0, help="Seed of everything (split, weights, draws).")
     parser.add_argument("--run_dir", type=str | None, default=None, help="Default: runs/latent_digits/seed<seed>.")
-    parser.add_argument("--torch_threads", type=int | None, default=None, help="torch.set_num_threads (0: keep).")
+    parser.add_argument(
+        "--torch_threads", type=int | None, default=None, help="torch.set_num_threads (None or 0: torch's default)."
+    )
     parser.add_class_arguments(DigitAutoencoder, "autoencoder")
     parser.add_class_arguments(DigitFeatureNet, "features")
     parser.add_class_arguments(LatentDenoiser, "model", skip={"first_stage"})
@@ -86,7 +117,14 @@ def _trainer(steps: int, options: TrainOptions, loggers: list[Logger], callbacks
 
 
 def _tensorboard(run_dir: Path, version: str) -> TensorBoardLogger:
+    """A TensorBoard logger of ``<run_dir>/tensorboard/<version>``, emptied first (a rerun replaces its curves)."""
+    shutil.rmtree(run_dir / "tensorboard" / version, ignore_errors=True)
     return TensorBoardLogger(run_dir, name="tensorboard", version=version, default_hp_metric=False)
+
+
+def _fingerprint(images: torch.Tensor) -> str:
+    """A short hash of ``images``: a saved autoencoder is reused only for the very digits it was trained on."""
+    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 def main(args: Sequence[str] | None = None) -> dict[str, Any]:
@@ -106,6 +144,7 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
     # the real training digits of the FID floor, and the others: what the feature net trains on (see feature_net.py)
     floor = floor_indices(split.train_labels, options.samples_per_class, options.sample_seed)
     feature_digits = torch.ones(len(split.train_labels), dtype=torch.bool).index_fill_(0, floor, False)
+    check_feature_digits(split.train_labels[feature_digits], options.samples_per_class)
     clock.lap("setup")
 
     judge = DigitClassifier(c=options.classifier_c).fit(split.train_images, split.train_labels)
@@ -117,7 +156,13 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
         run_dir / "autoencoder.pt",
         lambda: _trainer(train.autoencoder_steps, train, [_tensorboard(run_dir, "autoencoder")], []),
         data,
-        saved_hparams={**dict(config.autoencoder), "steps": train.autoencoder_steps, "seed": config.seed},
+        saved_hparams={
+            **dict(config.autoencoder),
+            "steps": train.autoencoder_steps,
+            "seed": config.seed,
+            "batch_size": train.batch_size,
+            "training_digits": _fingerprint(split.train_images),
+        },
         **dict(config.autoencoder),
     )
     autoencoder = report.judge_autoencoder(first_stage, judge, split, loaded)
@@ -130,7 +175,7 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
         split.train_images[feature_digits], split.train_labels[feature_digits], train.batch_size, feature_seed,
         **dict(config.features),
     )  # fmt: skip
-    torch.save(feature_net.state_dict(), run_dir / "feature_net.pt")  # to judge other samples on the same features
+    save_feature_net(feature_net, run_dir / "feature_net.pt")  # load_feature_net: judge other samples the same way
     features = feature_net.body
     feature_accuracy = feature_net.accuracy(split.holdout_images, split.holdout_labels)
     log.info("feature net: %.1f %% on the held-out digits", 100.0 * feature_accuracy)
@@ -141,7 +186,7 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any]:
     grid_labels = torch.arange(NUM_CLASSES).repeat_interleave(train.grid_per_class)  # a row per class
     sampling = {"num_steps": train.grid_ddim_steps, "guidance_scale": train.grid_guidance_scale}
     quality_labels = torch.arange(NUM_CLASSES).repeat_interleave(train.quality_per_class)
-    quality_sampling = {**sampling, "guidance_scale": train.quality_guidance_scale}
+    quality_sampling = {"num_steps": train.quality_ddim_steps, "guidance_scale": train.quality_guidance_scale}
     callbacks = [
         DiffusionSeedCallback(seed=config.seed),
         EMAWeightAveraging(decay=train.ema_decay, update_starting_at_step=train.ema_start),
