@@ -6,10 +6,12 @@ Kept importable (``tests.lightning_helpers``) so that DDP-spawned processes and 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as L
 import torch
+import torch.multiprocessing as mp
 from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -105,6 +107,25 @@ def make_trainer(**overrides: Any) -> L.Trainer:
     options = {**TRAINER_DEFAULTS, **overrides}
     options.setdefault("default_root_dir", tempfile.mkdtemp(prefix="lightning_ldm_test_"))
     return L.Trainer(**options)
+
+
+def run_spawned(run: Callable[[L.Trainer], Any], **overrides: Any) -> L.Trainer:
+    """``run(make_trainer(strategy="ddp_spawn", devices=2, **overrides))``, once more if a rank aborts at its exit.
+
+    On this 2-core machine under load, torch's teardown of a finished gloo process occasionally aborts it
+    ("terminate called without an active exception", SIGABRT) after its work and files are complete. Only that
+    signal is retried, once, with a new Trainer (the module in this process is untouched by a spawned run); every
+    other failure, and a second abort, is raised.
+    """
+    for attempt in range(2):
+        trainer = make_trainer(strategy="ddp_spawn", devices=2, **overrides)
+        try:
+            run(trainer)
+            return trainer
+        except mp.ProcessExitedException as err:
+            if getattr(err, "signal_name", None) != "SIGABRT" or attempt == 1:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 class RecordingLogger(Logger):

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from lightning_ldm.callbacks import DiffusionSeedCallback, TimestepLossMonitor
 from lightning_ldm.seeding import derive_seed
 from lightning_ldm.timestep_samplers import LossAwareSampler, UniformSampler
-from tests.lightning_helpers import RankRecorder, make_loader, make_trainer
+from tests.lightning_helpers import RankRecorder, make_loader, run_spawned
 
 T = 20
 SEED = 5
@@ -21,10 +22,10 @@ SEED = 5
 def test_two_process_ddp(tmp_path: Path) -> None:
     model = RankRecorder(str(tmp_path), timesteps=T)
     cbs = [DiffusionSeedCallback(LossAwareSampler(history_per_term=1), seed=SEED), TimestepLossMonitor(num_buckets=4)]
-    trainer = make_trainer(
-        strategy="ddp_spawn", devices=2, max_epochs=1, max_steps=-1, callbacks=cbs, use_distributed_sampler=True
-    )
-    trainer.fit(model, make_loader(n=32, batch_size=4))  # 16 samples per rank: 4 steps of 4
+    trainer = run_spawned(  # 16 samples per rank: 4 steps of 4
+        lambda trainer: trainer.fit(model, make_loader(n=32, batch_size=4)),
+        max_epochs=1, max_steps=-1, callbacks=cbs, use_distributed_sampler=True,
+    )  # fmt: skip
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     rec0, rec1 = ranks[0]["recorded"], ranks[1]["recorded"]
@@ -64,3 +65,38 @@ def test_two_process_ddp(tmp_path: Path) -> None:
         # and not the mean of one rank alone (both ranks contributed to this check overall)
     one_rank = torch.cat([t for t, _ in rec0])
     assert t_all.numel() == 2 * one_rank.numel()
+
+
+def _exited(signal_name: str | None, exit_code: int = -6) -> mp.ProcessExitedException:
+    return mp.ProcessExitedException("process 0 terminated", 0, 1, exit_code=exit_code, signal_name=signal_name)
+
+
+def test_run_spawned_retries_an_abort_at_exit_once_and_nothing_else() -> None:
+    calls: list[object] = []
+
+    def abort_once(trainer: object) -> None:
+        calls.append(trainer)
+        if len(calls) == 1:
+            raise _exited("SIGABRT")
+
+    trainer = run_spawned(abort_once, max_steps=1)
+    assert len(calls) == 2 and trainer is calls[1] and calls[0] is not calls[1]  # a new Trainer for the retry
+    for failure in (_exited("SIGSEGV"), _exited(None, exit_code=1), RuntimeError("a real failure")):
+        calls.clear()
+
+        def fail(trainer: object, failure: Exception = failure) -> None:
+            calls.append(trainer)
+            raise failure
+
+        with pytest.raises(type(failure)):
+            run_spawned(fail, max_steps=1)
+        assert len(calls) == 1  # not retried
+    calls.clear()
+
+    def abort(trainer: object) -> None:
+        calls.append(trainer)
+        raise _exited("SIGABRT")
+
+    with pytest.raises(mp.ProcessExitedException):
+        run_spawned(abort, max_steps=1)
+    assert len(calls) == 2  # retried once, then raised

@@ -25,7 +25,7 @@ from lightning_ldm.embedding import SinusoidalTimestepEmbedding
 from lightning_ldm.latent import LatentDiffusionMixin
 from lightning_ldm.seeding import derive_seed
 from tests import compvis_reference as ref
-from tests.lightning_helpers import make_trainer
+from tests.lightning_helpers import make_trainer, run_spawned
 
 T = 20
 SEED = 7
@@ -231,14 +231,10 @@ def test_scale_by_std_is_one_over_std_of_the_first_batch() -> None:
 def test_scale_by_std_and_dropout_under_two_process_ddp(tmp_path: Path) -> None:
     p = 0.5
     model = LDM(scale_by_std=True, dropout=p, out_dir=str(tmp_path))
-    trainer = make_trainer(
-        strategy="ddp_spawn",
-        devices=2,
-        max_steps=2,
-        callbacks=[DiffusionSeedCallback(seed=SEED)],
-        use_distributed_sampler=True,
-    )
-    trainer.fit(model, loader(16))  # 8 samples per rank: 2 steps of 4
+    run_spawned(  # 8 samples per rank: 2 steps of 4
+        lambda trainer: trainer.fit(model, loader(16)),
+        max_steps=2, callbacks=[DiffusionSeedCallback(seed=SEED)], use_distributed_sampler=True,
+    )  # fmt: skip
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert not torch.equal(ranks[0]["x"][0], ranks[1]["x"][0])  # the ranks saw different first batches

@@ -20,7 +20,7 @@ from lightning_ldm.callbacks.sample_quality import _rows, _share, fid_and_kid
 from lightning_ldm.features import InceptionFeatures, RandomConvFeatures
 from lightning_ldm.mixin import DiffusionMixin
 from lightning_ldm.seeding import derive_seed
-from tests.lightning_helpers import RecordingLogger, make_trainer
+from tests.lightning_helpers import RecordingLogger, make_trainer, run_spawned
 
 pytestmark = pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
 
@@ -414,8 +414,9 @@ def test_two_gloo_ranks_give_the_values_of_one_process(tmp_path: Path) -> None:
     single_dir, ddp_dir = tmp_path / "single", tmp_path / "ddp"
     single_dir.mkdir(), ddp_dir.mkdir()
     make_trainer(callbacks=[monitor(str(single_dir))]).validate(ImageDenoiser(), loader(8), verbose=False)
-    trainer = make_trainer(strategy="ddp_spawn", devices=2, callbacks=[monitor(str(ddp_dir))])
-    trainer.validate(ImageDenoiser(), loader(8), verbose=False)
+    run_spawned(
+        lambda trainer: trainer.validate(ImageDenoiser(), loader(8), verbose=False), callbacks=[monitor(str(ddp_dir))]
+    )
     single = json.loads((single_dir / "rank0.json").read_text())
     ranks = [json.loads((ddp_dir / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1]  # every rank computed the same values
