@@ -127,12 +127,21 @@ def _check_vector_input(model: Callable[..., Any]) -> None:
 def _check_context_input(model: Callable[..., Any], context: Tensor) -> None:
     """Refuse a cross-attention condition a diffusers UNet cannot attend to: not ``(B, sequence, width)``.
 
-    The width is read from the config: ``encoder_hid_dim`` when the UNet projects its context first, else an integer
-    ``cross_attention_dim`` (a per-block tuple is not checked).
+    The width is read from the config: ``encoder_hid_dim`` when the UNet projects a text context first
+    (``encoder_hid_dim_type`` ``"text_proj"``/``"text_image_proj"``), an integer ``cross_attention_dim`` when it has no
+    projection; nothing is checked for the other projections (image embeddings) or a per-block tuple.
     """
     config = getattr(model, "config", None)
-    width = getattr(config, "encoder_hid_dim", None) or getattr(config, "cross_attention_dim", None)
-    if config is None or width is None:
+    if config is None:
+        return
+    projection = getattr(config, "encoder_hid_dim_type", None)
+    if projection is None:
+        width = getattr(config, "cross_attention_dim", None)
+    elif projection in ("text_proj", "text_image_proj"):
+        width = getattr(config, "encoder_hid_dim", None)
+    else:
+        return
+    if width is None:
         return
     if context.ndim != 3 or (isinstance(width, int) and context.shape[-1] != width):
         expected = f"(B, sequence, {width})" if isinstance(width, int) else "(B, sequence, width)"

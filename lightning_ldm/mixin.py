@@ -67,7 +67,7 @@ if TYPE_CHECKING:
 else:
     _Base = object
 
-__all__ = ["CHECKPOINT_KEY", "DiffusionMixin"]
+__all__ = ["CHECKPOINT_KEY", "SAMPLE_PRECISIONS", "DiffusionMixin"]
 
 #: Key of the package's entry in a Lightning checkpoint dict; the fingerprint sits under ``["schedule"]``.
 CHECKPOINT_KEY = "lightning_ldm"
@@ -78,6 +78,16 @@ SAMPLE_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 _PRECISION_ALIASES: dict[int | str, str] = {
     32: "32-true", "32": "32-true", 16: "16-mixed", "16": "16-mixed", "bf16": "bf16-mixed"
 }  # fmt: skip
+
+
+def _sample_precision(precision: str | int | None) -> str | None:
+    """``precision`` as one of :data:`SAMPLE_PRECISIONS` (Lightning's short names mapped), or ``None``; else raise."""
+    if precision is None:
+        return None
+    if isinstance(precision, (int, str)):  # Lightning's short names: 32, "16", "bf16"
+        precision = _PRECISION_ALIASES.get(precision, precision)
+    check_choice("precision", precision, SAMPLE_PRECISIONS)
+    return str(precision)
 
 
 class DiffusionMixin(_Base):
@@ -378,7 +388,12 @@ class DiffusionMixin(_Base):
 
     # ----------------------------------------------------------------------------------------------- sampling
     def _precision_context(self, precision: str | int | None = None) -> contextlib.AbstractContextManager[Any]:
-        """The context ``sample`` computes in: the Trainer's precision (``None``), or ``precision`` (checked by it)."""
+        """The context ``sample`` computes in: the Trainer's precision (``None``), or ``precision`` (see ``sample``).
+
+        Raises:
+            ValueError: ``precision`` is none of :data:`SAMPLE_PRECISIONS` or Lightning's short names of them.
+        """
+        precision = _sample_precision(precision)
         if precision is None:
             trainer = getattr(self, "_trainer", None)
             return contextlib.nullcontext() if trainer is None else trainer.precision_plugin.forward_context()
@@ -446,10 +461,7 @@ class DiffusionMixin(_Base):
         """
         shape = check_shape("shape", shape)
         progress = check_bool("progress", progress)
-        if precision is not None:
-            if isinstance(precision, (int, str)):  # Lightning's short names: 32, "16", "bf16"
-                precision = _PRECISION_ALIASES.get(precision, precision)
-            check_choice("precision", precision, SAMPLE_PRECISIONS)
+        precision_context = self._precision_context(precision)  # checks precision
         if x_T is not None and tuple(x_T.shape) != shape:
             raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected shape {shape}")
         schedule = self._require_schedule()
@@ -473,7 +485,7 @@ class DiffusionMixin(_Base):
             if progress and getattr(self, "global_rank", 0) == 0:
                 model_fn = stack.enter_context(_progress_bar(model_fn, sampler, method, num_steps, schedule))
             stack.enter_context(eval_mode(self))
-            stack.enter_context(self._precision_context(precision))
+            stack.enter_context(precision_context)
             if x_T is None:
                 draw_device = generator.device if generator is not None else device
                 x_T = torch.randn(shape, device=draw_device, dtype=torch.float32, generator=generator)

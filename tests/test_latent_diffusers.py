@@ -269,6 +269,10 @@ def test_a_cross_attention_condition_of_the_wrong_shape_is_refused_naming_the_ex
         model.diffusion_loss(X, CONTEXT[..., :5], encode=False)
     with pytest.raises(ValueError, match=r"c_crossattn\) has shape \(4, 3, 5\)"):
         model.sample((B, Z, 4, 4), cond=CONTEXT[..., :5], num_steps=2)
+    projected = LDM(cond_unet(encoder_hid_dim=5), "crossattn")  # text_proj: the context is 5 wide, projected to CTX
+    assert projected.apply_model(X, TS, CONTEXT[..., :5]).shape == X.shape
+    with pytest.raises(ValueError, match=r"c_crossattn\) has shape \(4, 3, 6\); .*\(B, sequence, 5\)"):
+        projected.apply_model(X, TS, CONTEXT)
 
 
 def test_a_sample_shape_of_other_channels_than_the_denoiser_s_is_refused() -> None:
@@ -283,6 +287,23 @@ def test_a_sample_shape_of_other_channels_than_the_denoiser_s_is_refused() -> No
     concat = LDM(cond_unet(in_channels=2 * Z), "hybrid")  # concatenated conditions add channels: not checked
     out = concat.sample((B, Z, 4, 4), cond={"c_concat": [X], "c_crossattn": [CONTEXT]}, num_steps=2)
     assert out.shape == (B, Z, 4, 4)
+
+
+def test_a_named_precision_covers_the_decoding_too() -> None:
+    model = LDM(cond_unet(), "crossattn", vae=tiny_vae())
+    _fit(model, TensorDataset(randn(B, 3, 4, 4, seed=4), CONTEXT), steps=1)  # bf16-mixed, the Trainer stays attached
+    x_T = randn(B, Z, 4, 4, seed=5)
+
+    def run(**kwargs: Any) -> Tensor:
+        out = model.sample(x_T.shape, x_T=x_T, cond=CONTEXT, num_steps=2, **kwargs)
+        assert isinstance(out, Tensor) and out.shape == (B, 3, 4, 4)
+        return out
+
+    as32, attached = run(precision="32-true"), run()
+    assert not torch.equal(as32, attached)
+    latents = model.sample(x_T.shape, x_T=x_T, cond=CONTEXT, num_steps=2, precision="32-true", decode=False)
+    assert torch.equal(as32, model.decode_first_stage(latents))  # decoded in float32 too (no Trainer autocast)
+    assert torch.equal(run(precision=32), as32) and torch.equal(run(precision="bf16"), attached)  # short names
 
 
 def test_the_plain_mixin_calls_a_diffusers_network() -> None:
